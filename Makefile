@@ -1,0 +1,54 @@
+# NaViL workbook — two commands: `make run` and `make test`.
+# The bootstrap creates .venv (or refreshes it when pyproject.toml changes) and installs the CPU
+# torch wheel first so pip never pulls a multi-GB CUDA build. Bring your own torch by setting
+# TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124).
+
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.navil-installed
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+PIP_FLAGS   ?= --disable-pip-version-check --quiet
+
+.PHONY: run test unit nbval lab venv clean-venv train-tiny help
+
+help:
+	@echo "make run    - set up .venv if needed, execute every notebook, regenerate figures/"
+	@echo "make test   - set up .venv if needed, unit tests + pytest --nbval over notebooks/"
+	@echo "make lab    - JupyterLab on the project's kernel"
+	@echo "make train-tiny - reproduce the embedded tiny NaViL from scratch (hours on CPU)"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@echo "==> bootstrapping $(VENV) (python: $$($(PYTHON_BOOT) --version))"
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || \
+	  $(PY) -m pip install $(PIP_FLAGS) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
+	@$(PY) -m pip install $(PIP_FLAGS) -e ".[test]"
+	@touch $(STAMP)
+	@echo "==> $(VENV) ready: $$($(PY) -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"
+
+run: $(STAMP)
+	@$(PY) -m navil_utils.run_notebooks notebooks
+
+unit: $(STAMP)
+	@$(PY) -m pytest tests -q
+
+nbval: $(STAMP)
+	@$(PY) -m pytest notebooks -q --nbval --nbval-current-env \
+	  --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 900
+
+test: $(STAMP)
+	@$(PY) -m pytest -q tests notebooks --nbval --nbval-current-env \
+	  --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 900
+
+lab: $(STAMP)
+	@$(PY) -m jupyter lab --notebook-dir=notebooks
+
+train-tiny: $(STAMP)
+	@$(PY) -m navil_utils.train --config tiny --out runs/navil-tiny --ship data/models/navil-tiny
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,69 @@
+"""navil_utils — the shared package of the NaViL research workbook.
+
+Every notebook imports this package; each function lives here once.  The public API is re-exported
+lazily (importing ``navil_utils`` does not import torch/transformers until a name that needs them is
+used), so ``import navil_utils`` stays fast in notebooks and tests.
+
+Main entry points
+-----------------
+setup_notebook            seeds, deterministic plotting style, quiet logging; returns the repo root
+resolve_model_path        parameter > $NAVIL_MODEL_PATH > the embedded tiny model
+save_figure               figures/<name>.png and .pdf
+load_image                robust image loading (modes, EXIF, bombs, truncation)
+preprocess_multiscale     NaViL's visual multi-scale packing
+preprocess_tiles          NVLM-D dynamic tiling
+load_model, chat          the native NaViL model and chat loop
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it (lazy re-export)
+_EXPORTS: dict[str, str] = {
+    # notebook + plotting + paths
+    "setup_notebook": "navil_utils.notebook",
+    "resolve_model_path": "navil_utils.notebook",
+    "repo_root": "navil_utils.paths",
+    "data_dir": "navil_utils.paths",
+    "figures_dir": "navil_utils.paths",
+    "save_figure": "navil_utils.plotting",
+    # errors
+    "NaViLError": "navil_utils.errors",
+    "ImageLoadError": "navil_utils.errors",
+    "CheckpointError": "navil_utils.errors",
+    "ConfigError": "navil_utils.errors",
+    "OfflineError": "navil_utils.errors",
+    # paper tables
+    "load_paper_table": "navil_utils.paper",
+}
+
+
+def _register(module: str, *names: str) -> None:
+    for name in names:
+        _EXPORTS[name] = module
+
+
+# preprocessing (issue 5)
+_register("navil_utils.preprocessing", "load_image", "preprocess_multiscale", "preprocess_tiles")
+# model, loading, chat (issue 6)
+_register("navil_utils.models.loading", "load_model")
+_register("navil_utils.chat", "chat")
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'navil_utils' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

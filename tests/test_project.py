@@ -1,0 +1,124 @@
+"""Project plumbing: packaging metadata, notebook set-up, figure saving, notebook runner."""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import navil_utils
+from navil_utils.notebook import resolve_model_path, setup_notebook
+from navil_utils.plotting import FIGSIZE, save_figure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(requirement: str) -> str:
+    """Distribution name of a requirement string, normalised (PEP 503)."""
+    name = re.split(r"[<>=!~;\[ ]", requirement.strip(), maxsplit=1)[0]
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_environment_yml_names_the_same_packages_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_name(r) for r in project["dependencies"]}
+    for extra in project["optional-dependencies"].values():
+        declared |= {_name(r) for r in extra}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    in_env = {_name(r) for r in pip_section if not r.startswith("-e")}
+    assert declared == in_env, f"only in pyproject: {declared - in_env}; only in environment.yml: {in_env - declared}"
+    assert "python=3.11" in env["dependencies"]
+    # the same version specifiers, too
+    spec = lambda reqs: {_name(r): r.replace(" ", "").lower() for r in reqs}  # noqa: E731
+    py_specs = spec(project["dependencies"] + [r for e in project["optional-dependencies"].values() for r in e])
+    env_specs = spec([r for r in pip_section if not r.startswith("-e")])
+    assert py_specs == env_specs
+
+
+def test_no_torchvision_or_timm_dependency():
+    text = (ROOT / "pyproject.toml").read_text() + (ROOT / "environment.yml").read_text()
+    assert "torchvision" not in text and "timm" not in text
+
+
+def test_ci_runs_make_test_and_makefile_has_the_commands():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("run:", "test:", "lab:"):
+        assert re.search(rf"^{target}", makefile, re.M), target
+
+
+def test_setup_notebook_is_deterministic_and_returns_repo_root():
+    root = setup_notebook(seed=123)
+    a = (torch.rand(4), np.random.rand(3))
+    assert setup_notebook(seed=123) == root
+    b = (torch.rand(4), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    setup_notebook(seed=124)
+    assert not torch.equal(torch.rand(4), a[0])
+    assert (root / "pyproject.toml").exists() and root == ROOT
+    assert tuple(matplotlib.rcParams["figure.figsize"]) == FIGSIZE
+
+
+def test_save_figure_writes_png_and_pdf_reproducibly(tmp_path):
+    import matplotlib.pyplot as plt
+
+    setup_notebook(seed=0)
+    outputs = []
+    for sub in ("a", "b"):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1, 2], [0, 1, 4])
+        ax.set(title="t", xlabel="x (px)", ylabel="y")
+        png, pdf = save_figure(fig, "unit_test_figure", directory=tmp_path / sub)
+        plt.close(fig)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
+        outputs.append((png.read_bytes(), pdf.read_bytes()))
+    assert outputs[0] == outputs[1], "saving the same figure twice must give identical bytes"
+    with pytest.raises(ValueError):
+        save_figure(fig, "nested/name.png", directory=tmp_path)
+
+
+def test_resolve_model_path_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("NAVIL_MODEL_PATH", raising=False)
+    assert resolve_model_path(None, default="tests/fixtures/golden/qwen3_ve") == str(ROOT / "tests/fixtures/golden/qwen3_ve")
+    monkeypatch.setenv("NAVIL_MODEL_PATH", str(tmp_path))
+    assert resolve_model_path(None, default="tests/fixtures/golden/qwen3_ve") == str(tmp_path)
+    assert resolve_model_path("OpenGVLab/NaViL-2B") == "OpenGVLab/NaViL-2B"  # explicit value wins, hub ids pass through
+    monkeypatch.delenv("NAVIL_MODEL_PATH")
+    with pytest.raises(ValueError, match="NAVIL_MODEL_PATH"):
+        resolve_model_path(None)
+
+
+def test_public_api_is_lazily_exported():
+    assert "setup_notebook" in dir(navil_utils)
+    with pytest.raises(AttributeError):
+        navil_utils.definitely_not_a_name  # noqa: B018
+
+
+def test_run_notebooks_executes_in_place_and_is_idempotent(tmp_path):
+    import nbformat
+
+    from navil_utils.run_notebooks import execute_notebook, find_notebooks
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_code_cell("import navil_utils\nROOT = navil_utils.setup_notebook(seed=0)\nimport torch\nprint(torch.rand(2))"),
+        nbformat.v4.new_code_cell("import ipywidgets\nipywidgets.IntSlider(value=3)"),
+    ]
+    path = tmp_path / "00_tiny.ipynb"
+    nbformat.write(nb, path)
+    assert find_notebooks([str(tmp_path)]) == [path]
+    execute_notebook(path, timeout=120)
+    first = path.read_text()
+    executed = nbformat.read(path, as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == "tensor([0.4963, 0.7682])\n"
+    assert "widget-view" not in first and "model_id" not in first
+    execute_notebook(path, timeout=120)
+    assert path.read_text() == first, "re-running an unchanged notebook must not change the file"
