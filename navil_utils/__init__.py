@@ -48,9 +48,27 @@ def _register(module: str, *names: str) -> None:
 
 # preprocessing (issue 5)
 _register("navil_utils.preprocessing", "load_image", "preprocess_multiscale", "preprocess_tiles")
+_register("navil_utils.preprocessing", "MultiScaleInputs", "ScaleInfo", "plan_multiscale", "navil_token_count",
+          "navil_resize_size", "merged_token_windows", "window_token_order", "unpatchify")
+_register("navil_utils.tiling", "TiledInputs", "TilePlan", "plan_tiles", "nvlm_token_count", "nvlm_tile_tags",
+          "nvlm_image_span_text")
+_register("navil_utils.image_io", "to_rgb", "make_test_pattern")
 # model, loading, chat (issue 6)
 _register("navil_utils.models.loading", "load_model")
-_register("navil_utils.chat", "chat")
+_register("navil_utils.chatting", "chat", "chat_turn", "batch_chat", "ChatStream", "ChatTurn", "prepare_chat_inputs",
+          "load_chat_model")
+_register("navil_utils.prompting", "build_prompt", "get_template", "template_from_config", "clean_response",
+          "ChatTemplate")
+_register("navil_utils.tokenization", "load_tokenizer", "InternLM2Tokenizer", "navil_token_ids")
+_register("navil_utils.testing", "ToyTokenizer", "golden_dir")
+_register("navil_utils.configs", "navil_2b_config", "navil_9b_config", "build_empty_model", "count_parameters",
+          "expected_parameter_counts", "compare_with_paper", "plan_device_map", "DevicePlan")
+_register("navil_utils.parity", "compare_with_golden")
+# paper tables and their figures (issue 1)
+_register("navil_utils.paper", "available_paper_tables", "benchmark_matrix", "recompute_average",
+          "percent_scores", "fit_power_law", "PowerLaw", "architecture_summary")
+_register("navil_utils.paper_plots", "model_colours", "plot_training_curves", "plot_grouped_bars", "plot_radar",
+          "plot_optimal_encoder", "plot_params_vs_score", "FAMILY_COLOURS")
 
 
 def __getattr__(name: str) -> Any:

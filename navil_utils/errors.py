@@ -24,3 +24,42 @@ class ConfigError(NaViLError, ValueError):
 
 class OfflineError(NaViLError, OSError):
     """A hub id was given but the model hub is not reachable (and the files are not cached)."""
+
+
+class PromptError(NaViLError, ValueError):
+    """A chat prompt cannot be built (placeholder/image count mismatch, bad grids, bad history)."""
+
+
+class PaperDataError(NaViLError, LookupError):
+    """A paper table (data/paper/*.csv) is unknown, missing, malformed, or lacks a requested model/benchmark."""
+
+
+class ImageNotFoundError(ImageLoadError, FileNotFoundError):
+    """An image path does not exist (also catchable as ``FileNotFoundError``)."""
+
+
+class ModelInputError(NaViLError, ValueError):
+    """Model inputs are inconsistent (e.g. ``<IMG_CONTEXT>`` count vs visual tokens, bad ``image_grid_thw``)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint directory or one of its files (config.json, weights, shards) does not exist."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A weights file exists but cannot be read (truncated/corrupt safetensors, bad shard index)."""
+
+
+class WeightsMismatchError(CheckpointError):
+    """The checkpoint's tensors do not match the model: missing, unexpected or wrongly shaped keys.
+
+    The lists are available as ``missing``, ``unexpected`` and ``mismatched`` (``(key, file_shape,
+    model_shape)`` triples) and are spelled out in the message.
+    """
+
+    def __init__(self, message: str, missing: list[str] | None = None, unexpected: list[str] | None = None,
+                 mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] | None = None) -> None:
+        super().__init__(message)
+        self.missing = list(missing or [])
+        self.unexpected = list(unexpected or [])
+        self.mismatched = list(mismatched or [])
