@@ -49,12 +49,15 @@ def _register(module: str, *names: str) -> None:
 # preprocessing (issue 5)
 _register("navil_utils.preprocessing", "load_image", "preprocess_multiscale", "preprocess_tiles")
 _register("navil_utils.preprocessing", "MultiScaleInputs", "ScaleInfo", "plan_multiscale", "navil_token_count",
-          "navil_resize_size", "merged_token_windows", "window_token_order", "unpatchify")
+          "navil_resize_size", "merged_token_windows", "window_token_order", "unpatchify", "token_budget_table")
 _register("navil_utils.tiling", "TiledInputs", "TilePlan", "plan_tiles", "nvlm_token_count", "nvlm_tile_tags",
           "nvlm_image_span_text")
 _register("navil_utils.image_io", "to_rgb", "make_test_pattern")
 # model, loading, chat (issue 6)
 _register("navil_utils.models.loading", "load_model")
+_register("navil_utils.models", "NaViLForConditionalGeneration", "NaViLChatConfig", "NaViLVisionConfig",
+          "InternLM2VEConfig", "Qwen3VEConfig", "register_auto_classes")
+_register("navil_utils.models.golden", "load_golden_case")
 _register("navil_utils.chatting", "chat", "chat_turn", "batch_chat", "ChatStream", "ChatTurn", "prepare_chat_inputs",
           "load_chat_model")
 _register("navil_utils.prompting", "build_prompt", "get_template", "template_from_config", "clean_response",
@@ -69,6 +72,14 @@ _register("navil_utils.paper", "available_paper_tables", "benchmark_matrix", "re
           "percent_scores", "fit_power_law", "PowerLaw", "architecture_summary")
 _register("navil_utils.paper_plots", "model_colours", "plot_training_curves", "plot_grouped_bars", "plot_radar",
           "plot_optimal_encoder", "plot_params_vs_score", "FAMILY_COLOURS")
+# embedded tiny model: synthetic task, tokenizer, batches (issue 7)
+_register("navil_utils.synthetic", "SyntheticVQA", "SyntheticConfig")
+_register("navil_utils.tiny_tokenizer", "train_tiny_tokenizer", "load_tiny_tokenizer")
+_register("navil_utils.tiny_data", "TinyCollator", "TinyBatch", "SyntheticBatches", "qa_exact_match")
+# inference chapter (notebook 03): chance levels, accuracy tables, gallery, ablation plot, speed
+_register("navil_utils.inference", "chance_levels", "answer_space_size", "accuracy_frame", "accuracy_table",
+          "plot_scale_ablation", "plot_qa_gallery", "plot_image_answers", "GalleryItem", "success_failure_items",
+          "measure_generation_speed", "compare_kv_cache", "speed_frame", "GenerationSpeed")
 
 
 def __getattr__(name: str) -> Any:
@@ -85,3 +96,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = sorted(_EXPORTS)
+
+
+# Importing the model package registers NaViL with transformers' AutoConfig / AutoModel, so that
+# `import navil_utils` is enough for `AutoModel.from_pretrained(<NaViL checkpoint dir>)`.
+from . import models as _models  # noqa: E402,F401

@@ -41,13 +41,15 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def setup_notebook(seed: int = 0, *, threads: int | None = None) -> Path:
+def setup_notebook(seed: int = 0, *, threads: int | None = 1) -> Path:
     """Prepare a notebook kernel for deterministic, quiet execution and return the repo root.
 
     - seeds ``random``, NumPy and torch with ``seed``;
     - applies the workbook's matplotlib style (fixed figsize and dpi, PNG inline output);
     - silences progress bars and library warnings so nothing volatile reaches stdout/stderr;
-    - optionally caps torch's intra-op threads (``threads``) for reproducible timings.
+    - sets torch's intra-op threads to ``threads`` (default 1: the workbook's tiny models run fastest
+      with one thread on a laptop, and float reductions are then reproducible run to run, which
+      ``pytest --nbval`` relies on); pass ``threads=None`` to keep torch's default (real checkpoints).
 
     The returned path is the repository root, so notebooks find ``data/`` and ``figures/`` no matter
     which directory Jupyter was started in.

@@ -122,3 +122,20 @@ def test_run_notebooks_executes_in_place_and_is_idempotent(tmp_path):
     assert "widget-view" not in first and "model_id" not in first
     execute_notebook(path, timeout=120)
     assert path.read_text() == first, "re-running an unchanged notebook must not change the file"
+
+
+def test_bare_import_registers_auto_classes():
+    """`import navil_utils` alone lets transformers' AutoConfig/AutoModel open NaViL checkpoints."""
+    import subprocess
+    import sys
+
+    code = (
+        "import navil_utils, transformers\n"
+        "d = 'tests/fixtures/golden/qwen3_ve'\n"
+        "c = transformers.AutoConfig.from_pretrained(d)\n"
+        "m = transformers.AutoModel.from_pretrained(d)\n"
+        "print(type(c).__name__, type(m).__name__, sum(p.numel() for p in m.parameters()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["NaViLChatConfig", "NaViLForConditionalGeneration", "433792"]

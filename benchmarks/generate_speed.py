@@ -1,0 +1,138 @@
+"""Greedy generation speed of the native NaViL model: KV cache vs no cache, plus peak memory.
+
+Two models, both fed the golden fixture's image prompt (3-scale image, 29 visual tokens, 166 tokens):
+
+* ``fixture``: the tiny Qwen3-VE golden checkpoint (≈0.43 M parameters);
+* ``mid``: a randomly initialised mid-sized NaViL (ViT 256×4, Qwen3-VE 512×6 with GQA 8/4, vocab 32k;
+  ≈72 M params).
+
+For each, greedy ``generate`` of ``--new-tokens`` tokens runs with ``use_cache=True`` and ``False``
+(``--repeats`` timed runs after one warm-up) and reports new tokens/s, the cached/uncached speed ratio
+and the peak memory of the generate call (CUDA: ``max_memory_allocated``; CPU: peak RSS growth, via
+``/proc/self/clear_refs`` + ``VmHWM``).
+
+    python benchmarks/generate_speed.py --threads 1       # CPU, float32
+    python benchmarks/generate_speed.py --device cuda --dtype bfloat16
+
+On a shared or oversubscribed CPU pass ``--threads 1``: with 2 OpenMP threads competing with other
+processes, spin-waiting made these small models 10x slower (measured on the project's 2-core box).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from navil_utils.models import NaViLChatConfig, NaViLForConditionalGeneration
+from navil_utils.models.golden import load_golden_case
+
+MID_VISION = dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, num_hidden_layers=4)
+MID_LLM = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+               num_key_value_heads=4, head_dim=64, vocab_size=32000)
+
+
+def _rss_kib(field: str) -> int | None:
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+class PeakMemory:
+    """Peak memory growth (MiB) of the enclosed block on ``device``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mib: float | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            except OSError:
+                pass
+            self.start = _rss_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2 ** 20
+        else:
+            peak = _rss_kib("VmHWM")
+            self.mib = None if peak is None or self.start is None else (peak - self.start) / 1024
+
+
+def build_models(device: torch.device, dtype: torch.dtype):
+    case = load_golden_case("qwen3_ve")
+    fixture = case.model.to(device=device, dtype=dtype).eval()
+    data = copy.deepcopy(case.model.config.to_dict())
+    data["vision_config"].update(MID_VISION)
+    data["llm_config"].update(MID_LLM)
+    torch.manual_seed(0)
+    mid = NaViLForConditionalGeneration(NaViLChatConfig.from_dict(data)).to(device=device, dtype=dtype).eval()
+    return case, {"fixture": fixture, "mid": mid}
+
+
+def time_generation(model, inputs, new_tokens: int, use_cache: bool, repeats: int) -> tuple[float, float | None]:
+    """Median new tokens/s over ``repeats`` runs, and the peak memory (MiB) of one run."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache)
+    model.generate(**inputs, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+    device = next(model.parameters()).device
+    with PeakMemory(device) as memory:
+        model.generate(**inputs, **kwargs)
+    speeds = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = model.generate(**inputs, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        speeds.append((out.shape[1] - inputs["input_ids"].shape[1]) / (time.perf_counter() - start))
+    return statistics.median(speeds), memory.mib
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    case, models = build_models(device, dtype)
+    inputs = {k: v.to(device) for k, v in case.image_inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} prompt={inputs['input_ids'].shape[1]} "
+          f"tokens (29 visual) new_tokens={args.new_tokens} repeats={args.repeats}")
+    print(f"{'model':8} {'params':>9} {'cache':>6} {'tok/s':>9} {'peak MiB':>9}", flush=True)
+    with torch.inference_mode():
+        for name, model in models.items():
+            params = sum(p.numel() for p in model.parameters())
+            results = {}
+            for use_cache in (True, False):
+                speed, peak = time_generation(model, inputs, args.new_tokens, use_cache, args.repeats)
+                results[use_cache] = speed
+                peak_text = f"{peak:9.1f}" if peak is not None else f"{'n/a':>9}"
+                print(f"{name:8} {params / 1e6:8.2f}M {str(use_cache):>6} {speed:9.1f} {peak_text}", flush=True)
+            print(f"{name:8} KV-cache speed-up: {results[True] / results[False]:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
