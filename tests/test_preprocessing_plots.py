@@ -1,0 +1,73 @@
+"""The preprocessing figures draw what the data says (counts in titles/legends, one image per scale)."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from navil_utils import plotting  # noqa: E402
+from navil_utils.image_io import make_test_pattern  # noqa: E402
+from navil_utils.preprocessing import preprocess_multiscale, token_budget_table  # noqa: E402
+from navil_utils.tiling import preprocess_tiles  # noqa: E402
+
+SMALL = dict(min_pixels=12 * 256, max_pixels=120 * 256)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return preprocess_multiscale(make_test_pattern(150, 260), **SMALL)
+
+
+def test_scales_figure_has_one_image_per_scale(inputs):
+    fig = plotting.plot_multiscale_scales(inputs)
+    ax = fig.axes[0]
+    assert len(ax.images) == len(inputs.scales) >= 2
+    for image, scale in zip(ax.images, inputs.scales):
+        assert image.get_array().shape[:2] == scale.padded_hw  # true size, padding included
+    assert f"{inputs.num_visual_tokens} visual tokens" in ax.get_title()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["patch (16 px)", "merged token (32 px)", "attention window (128 px)", "zero padding"]
+    plt.close(fig)
+
+
+def test_token_strip_counts_match_span(inputs):
+    tokens, categories = plotting.image_span_categories([s.grid_thw for s in inputs.scales])
+    assert len(tokens) == len(inputs.image_span_text().replace("><", ">\n<").split("\n"))
+    for k, scale in enumerate(inputs.scales):
+        assert categories.count(k) == scale.visual_tokens
+    assert categories.count("line") == sum(s.tokens.rows for s in inputs.scales)
+    assert categories.count("frame") == len(inputs.scales)
+    fig = plotting.plot_token_sequence(inputs, text_before=5, text_after=7)
+    top = fig.axes[0]
+    assert top.images[0].get_array().shape == (1, len(tokens) + 12)
+    labels = [t.get_text() for t in top.get_legend().get_texts()]
+    assert labels[0] == "text (12)" and labels[1] == "<img>, </img> (2)"
+    assert f"({inputs.scales[-1].visual_tokens})" in labels[1 + len(inputs.scales)]
+    plt.close(fig)
+
+
+def test_tiles_figure_and_budget_figure():
+    tiles = preprocess_tiles(make_test_pattern(120, 300), max_num=4)
+    fig = plotting.plot_nvlm_tiles(tiles)
+    assert f"{tiles.num_tiles} tiles × 256 = {256 * tiles.num_tiles}" in fig._suptitle.get_text()
+    plt.close(fig)
+    sizes = token_budget_table([(30, 40), (300, 400), (3000, 4000)])
+    aspects = token_budget_table([(1000, 250), (500, 500), (250, 1000)])
+    fig = plotting.plot_token_budgets(sizes, aspects)
+    left = fig.axes[0]
+    assert np.array_equal(left.lines[0].get_ydata(), sizes["navil_visual_tokens"].to_numpy())
+    assert np.array_equal(left.lines[2].get_ydata(), sizes["nvlm_visual_tokens"].to_numpy())
+    plt.close(fig)
+
+
+def test_budget_slider_redraws():
+    widget = plotting.budget_explorer(make_test_pattern(100, 200), (16, 64), initial=16, min_pixels=12 * 256)
+    slider, picture = widget.children
+    first = bytes(picture.value)
+    assert first.startswith(b"\x89PNG")
+    slider.value = 64
+    assert bytes(picture.value) != first
