@@ -1,0 +1,80 @@
+"""Evaluation CLI and the shipped tiny model's accuracy on a fixed question set."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from navil_utils.errors import ConfigError
+from navil_utils.evaluate import EvalResult, evaluate_model, main, select_scales
+from navil_utils.paths import repo_root
+from navil_utils.preprocessing import preprocess_multiscale
+from navil_utils.synthetic import SyntheticVQA
+
+TINY = repo_root() / "data" / "models" / "navil-tiny"
+
+#: Measured on seed 2026, n=200 (see data/models/navil-tiny/README.md) minus a margin of ~2.5
+#: binomial standard errors, so that only a real regression (or a broken pipeline) fails the test.
+SHIPPED_FLOORS = {"overall": 0.42, "color": 0.45, "count": 0.40, "position": 0.50, "relation": 0.55}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from navil_utils.chatting import load_chat_model
+
+    model, tokenizer = load_chat_model(TINY)
+    return model.eval(), tokenizer
+
+
+def test_select_scales_keeps_the_requested_scale_of_every_image():
+    images = [SyntheticVQA(seed=3).sample(i).image for i in range(3)]
+    inputs = preprocess_multiscale(images, min_pixels=32 * 32, max_pixels=128 * 128)
+    assert select_scales(inputs, "all") is inputs
+    for which, pick in (("largest", -1), ("smallest", 0)):
+        kept = select_scales(inputs, which)
+        assert kept.num_scales == [1, 1, 1]
+        expected = [inputs.scales_of(i)[pick] for i in range(3)]
+        assert [tuple(g) for g in kept.image_grid_thw.tolist()] == [s.grid_thw for s in expected]
+        ranges = inputs.patch_ranges()
+        rows = [inputs.scales.index(s) for s in expected]
+        assert torch.equal(kept.pixel_values, torch.cat([inputs.pixel_values[slice(*ranges[r])] for r in rows]))
+    with pytest.raises(ConfigError):
+        select_scales(inputs, "middle")
+
+
+def test_eval_result_accounting():
+    records = [{"qtype": "color", "correct": True}, {"qtype": "color", "correct": False},
+               {"qtype": "count", "correct": True}]
+    result = EvalResult(records, seed=5, scales="all", seconds=0.0)
+    assert result.per_type == {"color": 0.5, "count": 1.0}
+    assert result.overall == pytest.approx(2 / 3)
+    assert result.summary()["n"] == 3 and result.summary()["seed"] == 5
+
+
+def test_cli_prints_table_and_json_last_line(capsys):
+    assert main(["--model", str(TINY), "--n", "12", "--seed", "99", "--batch-size", "6"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert set(summary) == {"overall", "per_type", "n", "seed", "scales"}
+    assert summary["n"] == 12 and summary["seed"] == 99 and summary["scales"] == "all"
+    assert set(summary["per_type"]) <= {"color", "count", "position", "relation", "text"}
+    assert any(line.startswith("overall") for line in lines)
+
+
+def test_shipped_model_accuracy_on_fixed_questions(tiny_model):
+    model, tokenizer = tiny_model
+    result = evaluate_model(model, tokenizer, n=200, seed=2026, batch_size=50)
+    assert result.n == 200
+    assert result.overall >= SHIPPED_FLOORS["overall"], result.summary()
+    for qtype in ("color", "count", "position", "relation"):
+        assert result.per_type[qtype] >= SHIPPED_FLOORS[qtype], result.summary()
+    # the answers are grounded in the image: blanking every image drops accuracy towards chance
+    data = SyntheticVQA(seed=2026)
+    samples = [data.sample(i) for i in range(100)]
+    from PIL import Image
+
+    blank = [type(s)(**{**s.__dict__, "image": Image.new("RGB", s.image.size, (200, 200, 200))}) for s in samples]
+    with_images = evaluate_model(model, tokenizer, samples=samples, batch_size=50).overall
+    without = evaluate_model(model, tokenizer, samples=blank, batch_size=50).overall
+    assert with_images > without + 0.15, (with_images, without)
