@@ -12,3 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+from navil_utils.models.golden import GOLDEN_VARIANTS, load_golden_case  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=GOLDEN_VARIANTS)
+def case(request):
+    """One golden fixture (model + inputs + reference outputs) per LLM backbone."""
+    return load_golden_case(request.param)

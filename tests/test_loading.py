@@ -26,15 +26,6 @@ from navil_utils.models.golden import golden_root, load_golden_case
 VARIANT = "internlm2_ve"
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to CPU oversubscription on shared runners."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def case():
     return load_golden_case(VARIANT)

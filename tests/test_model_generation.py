@@ -15,20 +15,6 @@ IM_END = 4  # toy tokenizer id of <|im_end|>, the reference chat()'s eos
 NEW = 8
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to CPU oversubscription on shared runners."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-@pytest.fixture(scope="module", params=GOLDEN_VARIANTS)
-def case(request):
-    return load_golden_case(request.param)
-
-
 def _greedy(model, **inputs):
     return model.generate(**inputs, max_new_tokens=NEW, do_sample=False, eos_token_id=IM_END,
                           output_scores=True, return_dict_in_generate=True)

@@ -15,20 +15,6 @@ from navil_utils.models.golden import GOLDEN_VARIANTS, load_golden_case
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to CPU oversubscription on shared runners."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-@pytest.fixture(scope="module", params=GOLDEN_VARIANTS)
-def case(request):
-    return load_golden_case(request.param)
-
-
 @pytest.fixture(scope="module")
 def forward(case):
     with torch.no_grad():
