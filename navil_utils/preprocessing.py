@@ -19,16 +19,22 @@ processor with ``do_resize=False, do_pad=True``) does, per image of size ``H × 
 
 :func:`plan_multiscale` reproduces steps 1 and 5 with plain arithmetic (float32 emulated with numpy
 scalars, bit-identical to the reference's torch scalars), so sizes and token counts are known without
-touching pixels.  :func:`preprocess_multiscale` then resizes the original image once per *kept*
-scale (the reference also runs the discarded last call and re-resizes images that need no resize),
-and writes normalised patches straight into one preallocated buffer with a 256-entry lookup table —
-bit-identical to the reference's float64-rescale-then-float32-normalise arithmetic.
+touching pixels.  :func:`preprocess_multiscale` then runs one PIL bicubic resize of the original per
+*kept* scale and none for a scale of the original size (the reference also runs the discarded last
+processor call, and copies, pads, rescales in float64 and transposes every scale separately), keeps
+pixels in uint8 through padding and patch reordering, and normalises once, from a strided patch-order
+view straight into the preallocated output — bit-identical to the reference's
+float64-rescale-then-float32-normalise arithmetic (checked for all 256 values at import).
+Large inputs resize their scales in parallel threads (PIL releases the GIL); results do not depend
+on it.
 
-Deliberate deviations from the reference (none affects RGB images of height ≥ 4):
+Deliberate deviations from the reference (plain RGB images of height other than 1 or 3 are unaffected):
 
-* images are loaded with :func:`navil_utils.load_image` (EXIF orientation applied, alpha on white);
-* transformers 4.51's channel-layout guess reads an ``(H, W, 3)`` array with ``H ∈ {1, 3}`` as
-  channels-first and so garbles images of height 1 or 3; here they are handled like any other image.
+* images are loaded with :func:`navil_utils.load_image` (EXIF orientation applied, alpha composited on
+  white — the reference demo's ``.convert("RGB")`` drops alpha instead);
+* transformers 4.51's ``infer_channel_dimension_format`` reads an ``(H, W, 3)`` array with
+  ``H ∈ {1, 3}`` as channels-first, so the reference garbles images of height 1 or 3; here they are
+  handled like any other image (as transformers 5.x's PIL backend does).
 
 Token accounting (visual tokens per scale, rows, the ``<img>…</img>`` span) lives in
 :mod:`navil_utils.image_tokens` and is re-exported here.

@@ -94,9 +94,6 @@ def test_reference_oracle_reproduces_golden(golden):
 
 # --------------------------------------------------------------------------- agreement with the oracle
 
-sides = st.integers(min_value=1, max_value=420)
-
-
 @st.composite
 def sizes_and_budgets(draw, max_side: int = 420):
     height = draw(st.integers(1, max_side))

@@ -53,7 +53,7 @@ def test_token_strip_counts_match_span(inputs):
 def test_tiles_figure_and_budget_figure():
     tiles = preprocess_tiles(make_test_pattern(120, 300), max_num=4)
     fig = plotting.plot_nvlm_tiles(tiles)
-    assert f"{tiles.num_tiles} tiles × 256 = {256 * tiles.num_tiles}" in fig._suptitle.get_text()
+    assert f"{tiles.num_tiles} tiles × 256 = {256 * tiles.num_tiles}" in fig.get_suptitle()
     plt.close(fig)
     sizes = token_budget_table([(30, 40), (300, 400), (3000, 4000)])
     aspects = token_budget_table([(1000, 250), (500, 500), (250, 1000)])
