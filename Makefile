@@ -30,8 +30,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "==> $(VENV) ready: $$($(PY) -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"
 
+# REFRESH=1 also re-records the live timing cells (# NBVAL_IGNORE_OUTPUT), which otherwise keep
+# their saved output so that an unchanged tree stays clean.
 run: $(STAMP)
-	@$(PY) -m navil_utils.run_notebooks notebooks
+	@$(PY) -m navil_utils.run_notebooks notebooks $(if $(REFRESH),--refresh-volatile)
 
 unit: $(STAMP)
 	@$(PY) -m pytest tests -q

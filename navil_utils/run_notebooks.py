@@ -8,6 +8,12 @@ the reference outputs ``pytest --nbval`` compares against), and figures are rege
 notebooks' own ``save_figure`` calls.  Volatile bits are kept out of the saved file (no execution
 timestamps, no widget model ids/state), so re-running an unchanged notebook leaves git clean.
 Progress (which notebook, elapsed seconds) goes to stdout.
+
+Cells whose first line is ``# NBVAL_IGNORE_OUTPUT`` hold live measurements (timings) that differ on
+every run.  They are executed, but by default their previously saved output is kept, so that
+``make run`` on an unchanged tree leaves ``git status`` clean; ``--refresh-volatile`` (or
+``make run REFRESH=1``) records the new measurements instead.  Adjacent stream outputs of one cell are
+merged (their split depends on flush timing), as nbval itself does before comparing.
 """
 from __future__ import annotations
 
@@ -34,24 +40,50 @@ def find_notebooks(targets: list[str]) -> list[Path]:
     return paths
 
 
+def is_volatile(cell) -> bool:
+    """A code cell marked ``# NBVAL_IGNORE_OUTPUT`` (first line) or tagged ``nbval-ignore-output``."""
+    if cell.cell_type != "code":
+        return False
+    first = cell.source.lstrip().splitlines()[0].strip() if cell.source.strip() else ""
+    return first == "# NBVAL_IGNORE_OUTPUT" or "nbval-ignore-output" in cell.metadata.get("tags", [])
+
+
+def _merge_streams(outputs: list) -> list:
+    merged: list = []
+    for output in outputs:
+        previous = merged[-1] if merged else None
+        if (output.get("output_type") == "stream" and previous is not None
+                and previous.get("output_type") == "stream" and previous.get("name") == output.get("name")):
+            previous["text"] = previous["text"] + output["text"]
+        else:
+            merged.append(output)
+    return merged
+
+
 def _strip_volatile(nb) -> None:
-    """Remove widget model ids/state and execution timing metadata from an executed notebook."""
+    """Remove widget model ids/state and execution timing metadata; merge adjacent streams."""
     nb.metadata.pop("widgets", None)
     nb.metadata.pop("papermill", None)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        if cell.cell_type != "code":
+            continue
         for output in cell.get("outputs", []):
             data = output.get("data")
             if data is not None and WIDGET_MIME in data:
                 del data[WIDGET_MIME]
+        cell.outputs = _merge_streams(cell.outputs)
 
 
-def execute_notebook(path: Path, timeout: int = 1800, kernel_name: str = "python3") -> float:
-    """Execute ``path`` in place; return the wall time in seconds."""
+def execute_notebook(path: Path, timeout: int = 1800, kernel_name: str = "python3",
+                     refresh_volatile: bool = False) -> float:
+    """Execute ``path`` in place; return the wall time in seconds (see the module docstring)."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
+    previous = {i: c.outputs for i, c in enumerate(nb.cells)
+                if is_volatile(c) and c.get("execution_count") is not None and c.outputs}
     start = time.perf_counter()
     client = NotebookClient(
         nb,
@@ -63,6 +95,10 @@ def execute_notebook(path: Path, timeout: int = 1800, kernel_name: str = "python
     )
     client.execute()
     _strip_volatile(nb)
+    if not refresh_volatile:
+        for i, outputs in previous.items():
+            if i < len(nb.cells) and is_volatile(nb.cells[i]):
+                nb.cells[i].outputs = outputs
     nbformat.write(nb, path)
     return time.perf_counter() - start
 
@@ -71,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="*", default=["notebooks"], help="notebooks or directories")
     parser.add_argument("--timeout", type=int, default=1800, help="per-cell timeout in seconds")
+    parser.add_argument("--refresh-volatile", action="store_true",
+                        help="also record new outputs of # NBVAL_IGNORE_OUTPUT cells (timings)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("SOURCE_DATE_EPOCH", "0")  # reproducible PDF metadata
@@ -79,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter()
     for i, path in enumerate(notebooks, 1):
         print(f"[{i}/{len(notebooks)}] {path} ...", flush=True)
-        seconds = execute_notebook(path, timeout=args.timeout)
+        seconds = execute_notebook(path, timeout=args.timeout, refresh_volatile=args.refresh_volatile)
         print(f"[{i}/{len(notebooks)}] {path} done in {seconds:.1f} s", flush=True)
     print(f"executed {len(notebooks)} notebook(s) in {time.perf_counter() - total:.1f} s; figures in figures/")
     return 0

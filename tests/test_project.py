@@ -111,6 +111,8 @@ def test_run_notebooks_executes_in_place_and_is_idempotent(tmp_path):
     nb.cells = [
         nbformat.v4.new_code_cell("import navil_utils\nROOT = navil_utils.setup_notebook(seed=0)\nimport torch\nprint(torch.rand(2))"),
         nbformat.v4.new_code_cell("import ipywidgets\nipywidgets.IntSlider(value=3)"),
+        nbformat.v4.new_code_cell("import sys, time\nprint('a'); sys.stdout.flush(); time.sleep(0.3)\nprint('b')"),
+        nbformat.v4.new_code_cell("# NBVAL_IGNORE_OUTPUT\nimport time\nprint(time.perf_counter_ns())"),
     ]
     path = tmp_path / "00_tiny.ipynb"
     nbformat.write(nb, path)
@@ -120,8 +122,12 @@ def test_run_notebooks_executes_in_place_and_is_idempotent(tmp_path):
     executed = nbformat.read(path, as_version=4)
     assert executed.cells[0].outputs[0]["text"] == "tensor([0.4963, 0.7682])\n"
     assert "widget-view" not in first and "model_id" not in first
+    assert [o["text"] for o in executed.cells[2].outputs] == ["a\nb\n"], "adjacent streams are merged"
+    timing = executed.cells[3].outputs[0]["text"]
     execute_notebook(path, timeout=120)
     assert path.read_text() == first, "re-running an unchanged notebook must not change the file"
+    execute_notebook(path, timeout=120, refresh_volatile=True)
+    assert nbformat.read(path, as_version=4).cells[3].outputs[0]["text"] != timing, "refresh re-records timings"
 
 
 def test_bare_import_registers_auto_classes():
