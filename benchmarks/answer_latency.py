@@ -1,0 +1,46 @@
+"""Latency of one greedy answer of the embedded tiny NaViL on one CPU core (target: <= 50 ms).
+
+    .venv/bin/python benchmarks/answer_latency.py [--model data/models/navil-tiny] [--n 50]
+
+Times the whole ``navil_utils.chat`` call — image loading aside: multi-scale preprocessing, prompt
+building, tokenisation, ViT + LLM prefill and KV-cached greedy decoding until ``<|im_end|>`` — on
+``n`` synthetic questions (seed 5, after 3 warm-up calls), and prints the median / p90 and the
+ratio of the median to the 50 ms target.  Run it on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="data/models/navil-tiny")
+    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--target-ms", type=float, default=50.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from navil_utils.chatting import chat, load_chat_model
+    from navil_utils.notebook import _silence_libraries
+    from navil_utils.synthetic import SyntheticVQA
+
+    _silence_libraries()
+    model, tokenizer = load_chat_model(args.model)
+    samples = [SyntheticVQA(seed=5).sample(i) for i in range(args.n + 3)]
+    for s in samples[:3]:
+        chat(model, tokenizer, s.image, s.question, max_new_tokens=8)
+    times = []
+    for s in samples[3:]:
+        start = time.perf_counter()
+        chat(model, tokenizer, s.image, s.question, max_new_tokens=8)
+        times.append(1000 * (time.perf_counter() - start))
+    median, p90 = statistics.median(times), statistics.quantiles(times, n=10)[-1]
+    print(f"{args.n} answers, 1 thread: median {median:.1f} ms, p90 {p90:.1f} ms; "
+          f"median / target = {median / args.target_ms:.2f} (target {args.target_ms:.0f} ms)")
+
+
+if __name__ == "__main__":
+    main()
