@@ -10,23 +10,27 @@ STAMP       := $(VENV)/.navil-installed
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PIP_FLAGS   ?= --disable-pip-version-check --quiet
+# Pinned versions of every dependency (figures are byte-identical only with the same matplotlib, …);
+# `make CONSTRAINTS= run` lifts the pins.
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: run test unit nbval lab venv clean-venv train-tiny help
+.PHONY: run test unit nbval lab venv clean-venv train-tiny check-portable constraints help
 
 help:
 	@echo "make run    - set up .venv if needed, execute every notebook, regenerate figures/"
 	@echo "make test   - set up .venv if needed, unit tests + pytest --nbval over notebooks/"
 	@echo "make lab    - JupyterLab on the project's kernel"
+	@echo "make check-portable - re-run notebooks + nbval under other CPU kernel sets / thread counts (~10 min)"
 	@echo "make train-tiny - reproduce the embedded tiny NaViL from scratch (hours on CPU)"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@echo "==> bootstrapping $(VENV) (python: $$($(PYTHON_BOOT) --version))"
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || \
 	  $(PY) -m pip install $(PIP_FLAGS) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
-	@$(PY) -m pip install $(PIP_FLAGS) -e ".[test]"
+	@$(PY) -m pip install $(PIP_FLAGS) $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
 	@touch $(STAMP)
 	@echo "==> $(VENV) ready: $$($(PY) -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"
 
@@ -46,6 +50,11 @@ test: $(STAMP)
 	@$(PY) -m pytest -q tests notebooks --nbval --nbval-current-env \
 	  --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 900
 
+# Saved outputs and figures must not depend on the CPU: re-execute and nbval-test the notebooks under
+# restricted float kernels (AVX2, generic+SSE) and 1/2 threads; the committed tree must stay unchanged.
+check-portable: $(STAMP)
+	@PY=$(PY) bash .ci/portability
+
 lab: $(STAMP)
 	@$(PY) -m jupyter lab --notebook-dir=notebooks
 
@@ -58,6 +67,12 @@ train-tiny: $(STAMP)
 	$(PY) -m navil_utils.train --out runs/navil-tiny/stage1 --config configs/tiny_stage1.json $(TRAIN_ARGS)
 	$(PY) -m navil_utils.train --out runs/navil-tiny/stage2 --config configs/tiny_stage2.json \
 	  --ship data/models/navil-tiny $(TRAIN_ARGS)
+
+# Re-pin constraints.txt to what .venv has now (after deliberately upgrading a dependency).
+constraints: $(STAMP)
+	@{ sed -n '1,/^# torch is installed first/p' constraints.txt; \
+	   $(PY) -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt && echo "constraints.txt: $$(grep -vc '^#' constraints.txt) pins"
 
 clean-venv:
 	rm -rf $(VENV)

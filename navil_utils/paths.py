@@ -1,7 +1,12 @@
 """Where the workbook's files live, independent of the current working directory."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+#: Environment variable that sends every ``save_figure`` call elsewhere.  ``pytest --nbval`` sets it to a
+#: temporary directory (notebooks/conftest.py), so running the tests never rewrites the tracked figures/.
+FIGURES_DIR_ENV = "NAVIL_FIGURES_DIR"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -16,6 +21,8 @@ def data_dir() -> Path:
 
 
 def figures_dir() -> Path:
-    path = repo_root() / "figures"
-    path.mkdir(exist_ok=True)
+    """``figures/`` of the repo, or ``$NAVIL_FIGURES_DIR`` when set (created if missing)."""
+    override = os.environ.get(FIGURES_DIR_ENV)
+    path = Path(override).expanduser() if override else repo_root() / "figures"
+    path.mkdir(parents=True, exist_ok=True)
     return path

@@ -42,13 +42,40 @@ def test_environment_yml_names_the_same_packages_as_pyproject():
     assert py_specs == env_specs
 
 
+def test_constraints_pin_every_dependency_within_its_specifier():
+    """constraints.txt (used by the Makefile bootstrap) pins each dependency of pyproject, inside its range,
+    so that a fresh clone installs the versions the saved outputs and figures were made with."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["dependencies"]]
+    requirements += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    lines = [line.strip() for line in (ROOT / "constraints.txt").read_text().splitlines()]
+    pins = {}
+    for line in lines:
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and " " not in line, f"not an exact pin: {line!r}"
+            pins[_name(name)] = version
+    assert "torch" not in pins and "navil-utils" not in pins  # torch: TORCH_SPEC; the project itself: -e
+    for requirement in requirements:
+        name = _name(requirement.name)
+        if name == "torch":
+            continue
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
+    assert "-c $(CONSTRAINTS)" in (ROOT / "Makefile").read_text()
+
+
 def test_no_torchvision_or_timm_dependency():
     text = (ROOT / "pyproject.toml").read_text() + (ROOT / "environment.yml").read_text()
     assert "torchvision" not in text and "timm" not in text
 
 
 def test_ci_runs_make_test_and_makefile_has_the_commands():
-    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+    assert "git status --porcelain" in ci and "exit 1" in ci  # the tests must leave the tree unchanged
     makefile = (ROOT / "Makefile").read_text()
     for target in ("run:", "test:", "lab:"):
         assert re.search(rf"^{target}", makefile, re.M), target
@@ -145,3 +172,41 @@ def test_bare_import_registers_auto_classes():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["NaViLChatConfig", "NaViLForConditionalGeneration", "433792"]
+
+
+def test_figures_dir_follows_the_environment(tmp_path, monkeypatch):
+    """``$NAVIL_FIGURES_DIR`` redirects save_figure (nbval runs use it to leave figures/ untouched)."""
+    import matplotlib.pyplot as plt
+
+    from navil_utils.paths import FIGURES_DIR_ENV, figures_dir, repo_root
+
+    monkeypatch.delenv(FIGURES_DIR_ENV, raising=False)
+    assert figures_dir() == repo_root() / "figures"
+    target = tmp_path / "elsewhere" / "figs"
+    monkeypatch.setenv(FIGURES_DIR_ENV, str(target))
+    assert figures_dir() == target and target.is_dir()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    png, pdf = save_figure(fig, "redirected")
+    plt.close(fig)
+    assert png.parent == target and png.is_file() and pdf.is_file()
+    assert not (repo_root() / "figures" / "redirected.png").exists()
+
+
+def test_nbval_session_writes_figures_to_a_temporary_directory():
+    """notebooks/conftest.py is what keeps ``pytest --nbval`` from rewriting the tracked figures."""
+    import importlib.util
+
+    from navil_utils.paths import FIGURES_DIR_ENV, repo_root
+
+    spec = importlib.util.spec_from_file_location("nbval_conftest", repo_root() / "notebooks" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = os.environ.get(FIGURES_DIR_ENV)
+    module.pytest_configure(None)
+    try:
+        directory = Path(os.environ[FIGURES_DIR_ENV])
+        assert directory.is_dir() and repo_root() not in directory.parents
+    finally:
+        module.pytest_unconfigure(None)
+    assert os.environ.get(FIGURES_DIR_ENV) == before and not directory.exists()

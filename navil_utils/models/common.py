@@ -21,6 +21,15 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import ModelOutput
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the numerically sensitive steps (norms, softmax, RoPE) for a model of ``dtype``.
+
+    float32 for float32/bf16/fp16 models, as in the reference code; float64 for a float64 model, so that a
+    float64 run is float64 throughout (used to measure the reference's own float32 round-off).
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class NaViLRMSNorm(nn.Module):
     """RMSNorm over the last dim.
 
@@ -37,7 +46,7 @@ class NaViLRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        x = hidden_states.to(torch.float32)
+        x = hidden_states.to(compute_dtype(input_dtype))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         if self.weight_in_fp32:
             return (self.weight * x).to(input_dtype)
@@ -81,7 +90,7 @@ def eager_attention_forward(
             the causal mask is applied here (queries are the last ``Lq`` of the ``Lk`` positions), so this
             function is also correct with the masks built for ``sdpa``.
     Returns:
-        ``(attn_output (B, Lq, H, D), attn_probs (B, H, Lq, Lk))`` — softmax in float32, cast back.
+        ``(attn_output (B, Lq, H, D), attn_probs (B, H, Lq, Lk))`` — softmax in float32 (float64 for a float64 model), cast back.
     """
     n_rep = getattr(module, "num_key_value_groups", 1)
     key_states = repeat_kv(key, n_rep)
@@ -97,7 +106,7 @@ def eager_attention_forward(
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.softmax(scores, dim=-1, dtype=compute_dtype(query.dtype)).to(query.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value_states).transpose(1, 2).contiguous()
     return out, probs
@@ -164,30 +173,33 @@ class NaViLTextRotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-        self._static: dict[torch.device, tuple[torch.Tensor, float]] = {}
+        self._static: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, float]] = {}
 
-    def _default_parameters(self, device: torch.device) -> tuple[torch.Tensor, float]:
+    def _default_parameters(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
         base = self.config.rope_parameters["rope_theta"]
         dim = self.config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device,
-                                                                                  dtype=torch.float) / dim))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=dtype) / dim))
         return inv_freq, 1.0
 
-    def _frequencies(self, device: torch.device, seq_len: int) -> tuple[torch.Tensor, float]:
+    def _frequencies(self, device: torch.device, dtype: torch.dtype, seq_len: int) -> tuple[torch.Tensor, float]:
         if self.rope_type == "dynamic":
-            return ROPE_INIT_FUNCTIONS["dynamic"](self.config, device, seq_len=seq_len)
-        if device not in self._static:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS["dynamic"](self.config, device, seq_len=seq_len)
+            return inv_freq.to(dtype), scaling
+        key = (device, dtype)
+        if key not in self._static:
             if self.rope_type == "default":
-                self._static[device] = self._default_parameters(device)
+                self._static[key] = self._default_parameters(device, dtype)
             else:
-                self._static[device] = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
-        return self._static[device]
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
+                self._static[key] = inv_freq.to(dtype), scaling
+        return self._static[key]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seq_len = int(position_ids.max()) + 1 if self.rope_type == "dynamic" else 0
-        inv_freq, scaling = self._frequencies(x.device, seq_len)
-        freqs = position_ids[..., None].float() * inv_freq.float()          # (B, T, hd/2)
+        dtype = compute_dtype(x.dtype)
+        inv_freq, scaling = self._frequencies(x.device, dtype, seq_len)
+        freqs = position_ids[..., None].to(dtype) * inv_freq                # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)                              # (B, T, hd)
         return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
 

@@ -14,7 +14,8 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .common import ModalityRouter, NaViLDecoderOutput, NaViLTextRotaryEmbedding, resolve_attention_implementation
+from .common import (ModalityRouter, NaViLDecoderOutput, NaViLTextRotaryEmbedding, compute_dtype,
+                     resolve_attention_implementation)
 
 
 class VEDecoderForCausalLM(PreTrainedModel):
@@ -107,7 +108,7 @@ class VEDecoderForCausalLM(PreTrainedModel):
             kept = hidden[:, logits_to_keep]
         logits = self.lm_head_module()(kept)
         if self.upcast_logits:
-            logits = logits.float()
+            logits = logits.to(compute_dtype(logits.dtype))
         return NaViLDecoderOutput(
             logits=logits,
             cache=cache if use_cache else None,

@@ -40,7 +40,7 @@ from transformers.utils import ModelOutput
 
 from ..errors import ConfigError, ModelInputError, WeightsMismatchError
 from ..image_tokens import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, SPECIAL_TOKEN_LIST
-from .common import NaViLCausalLMOutput
+from .common import NaViLCausalLMOutput, compute_dtype
 from .configuration_navil import INTERNLM2_VE_ARCHITECTURE, QWEN3_VE_ARCHITECTURE, NaViLChatConfig
 from .internlm2_ve import InternLM2VEForCausalLM
 from .qwen3_ve import Qwen3VEForCausalLM
@@ -344,7 +344,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.LongTensor,
                          input_ids: torch.LongTensor | None = None) -> torch.Tensor:
-        """Mean next-token cross-entropy (float32), reference convention.
+        """Mean next-token cross-entropy (float32; float64 for a float64 model), reference convention.
 
         Position ``i`` (predicting ``labels[i+1]``) counts iff ``labels[i+1] != -100`` and — when ``input_ids``
         are known — the *input* token ``i`` is not ``<IMG_CONTEXT>`` (the reference also drops predictions
@@ -354,7 +354,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         if input_ids is not None and self.special_token_ids is not None:
             from_visual = input_ids[:, :-1].to(logits.device) == self.img_context_token_id
             shift_labels = shift_labels.masked_fill(from_visual, -100)
-        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        shift_logits = logits[:, :-1].to(compute_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
         return nn.functional.cross_entropy(shift_logits, shift_labels.reshape(-1), ignore_index=-100)
 
     # ------------------------------------------------------------------ generation

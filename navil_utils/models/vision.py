@@ -36,7 +36,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from ..errors import ModelInputError
-from .common import NaViLRMSNorm, eager_attention_forward, resolve_attention_implementation, rotate_half
+from .common import (NaViLRMSNorm, compute_dtype, eager_attention_forward, resolve_attention_implementation,
+                     rotate_half)
 from .configuration_navil import NaViLVisionConfig
 
 ROPE_THETA = 10000.0
@@ -103,10 +104,14 @@ def window_layout(grid_thw: torch.Tensor, merge_size: int, window_size: int) -> 
     return WindowLayout(torch.cat(indices), cu_window, cu)
 
 
-def rotary_angles(grid_thw: torch.Tensor, merge_size: int, head_dim: int, device: torch.device) -> torch.Tensor:
-    """2-D RoPE angles ``(N, head_dim/2)`` in raster (processor) patch order: ``[row·f, col·f]``."""
+def rotary_angles(grid_thw: torch.Tensor, merge_size: int, head_dim: int, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """2-D RoPE angles ``(N, head_dim/2)`` in raster (processor) patch order: ``[row·f, col·f]``.
+
+    ``dtype`` is float32 (the reference's precision) or float64 for a float64 model.
+    """
     dim = head_dim // 2
-    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim))
     positions = []
     max_side = 1
     for t, h, w in _grid_rows(grid_thw):
@@ -118,7 +123,7 @@ def rotary_angles(grid_thw: torch.Tensor, merge_size: int, head_dim: int, device
         cols = cols.reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
         positions.append(torch.stack([rows, cols], dim=-1).repeat(t, 1))
         max_side = max(max_side, h, w)
-    table = torch.outer(torch.arange(max_side, device=device, dtype=torch.float), inv_freq)  # (max, hd/4)
+    table = torch.outer(torch.arange(max_side, device=device, dtype=dtype), inv_freq)  # (max, hd/4)
     return table[torch.cat(positions)].flatten(1)
 
 
@@ -212,9 +217,9 @@ class NaViLVisionAttention(nn.Module):
             query, key = self.q_norm(query), self.k_norm(key)
         shape = (n, self.num_heads, self.head_dim)
         query, key, value = query.reshape(shape), key.reshape(shape), value.reshape(shape)
-        dtype = query.dtype
-        query = (query.float() * cos + rotate_half(query.float()) * sin).to(dtype)
-        key = (key.float() * cos + rotate_half(key.float()) * sin).to(dtype)
+        dtype, upcast = query.dtype, cos.dtype  # rotate in float32 (float64 for a float64 model)
+        query = (query.to(upcast) * cos + rotate_half(query.to(upcast)) * sin).to(dtype)
+        key = (key.to(upcast) * cos + rotate_half(key.to(upcast)) * sin).to(dtype)
         attn, maps = segments.attend(self, query, key, value, attention_name, output_attentions)
         return self.proj_drop(self.proj(attn.reshape(n, dim))), maps
 
@@ -354,7 +359,7 @@ class NaViLVisionModel(PreTrainedModel):
         hidden = self.embeddings(pixel_values)                                     # (N, D) raster order
         n, dim = hidden.shape
         hidden = hidden.view(n // (m * m), m * m, dim)[window_index].reshape(n, dim)
-        angles = rotary_angles(grid_thw, m, config.head_dim, device)
+        angles = rotary_angles(grid_thw, m, config.head_dim, device, compute_dtype(hidden.dtype))
         angles = angles.view(n // (m * m), m * m, -1)[window_index].reshape(n, -1)
         emb = torch.cat((angles, angles), dim=-1)[:, None, :]                    # (N, 1, hd)
         cos, sin = emb.cos(), emb.sin()
