@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 # REFRESH=1 also re-records the live timing cells (# NBVAL_IGNORE_OUTPUT), which otherwise keep
 # their saved output so that an unchanged tree stays clean.
 run: $(STAMP)
-	@$(PY) -m navil_utils.run_notebooks notebooks $(if $(REFRESH),--refresh-volatile)
+	@$(PY) -m navil_utils.workbook.run_notebooks notebooks $(if $(REFRESH),--refresh-volatile)
 
 unit: $(STAMP)
 	@$(PY) -m pytest tests -q

@@ -24,8 +24,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     from navil_utils.chatting import chat, load_chat_model
-    from navil_utils.notebook import _silence_libraries
-    from navil_utils.synthetic import SyntheticVQA
+    from navil_utils.tiny.synthetic import SyntheticVQA
+    from navil_utils.workbook.notebook import _silence_libraries
 
     _silence_libraries()
     model, tokenizer = load_chat_model(args.model)

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from navil_utils.models import NaViLChatConfig, NaViLForConditionalGeneration
-from navil_utils.models.golden import load_golden_case
+from navil_utils.models.configuration_navil import NaViLChatConfig
+from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
+from navil_utils.reference.golden import load_golden_case
 
 MID_VISION = dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, num_hidden_layers=4)
 MID_LLM = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,

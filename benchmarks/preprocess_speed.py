@@ -4,7 +4,7 @@
 
 The reference path is NaViL's ``anyres_preprocess_multi_scale`` loop on top of transformers'
 ``Qwen2VLImageProcessorPil`` configured as NaViL configures its processor
-(:mod:`navil_utils.preprocessing_reference`).  Both run with NaViL's real budget (65,536 …
+(:mod:`navil_utils.reference.preprocessing`).  Both run with NaViL's real budget (65,536 …
 6,291,456 px) on a small, a medium and a 4K image; the script asserts identical ``pixel_values``
 and grids, then prints the best-of-``repeat`` wall time (ours single-threaded, and with the default
 ``num_workers`` that resizes scales in parallel threads), the speed ratios and the peak memory of one
@@ -24,9 +24,10 @@ import tracemalloc
 
 import torch
 
-from navil_utils.image_io import make_test_pattern
-from navil_utils.preprocessing import NAVIL_MAX_PIXELS, NAVIL_MIN_PIXELS, preprocess_multiscale
-from navil_utils.preprocessing_reference import make_reference_processor, reference_preprocess_multiscale
+from navil_utils.constants import NAVIL_MAX_PIXELS, NAVIL_MIN_PIXELS
+from navil_utils.processing.image_io import make_test_pattern
+from navil_utils.processing.multiscale import preprocess_multiscale
+from navil_utils.reference.preprocessing import make_reference_processor, reference_preprocess_multiscale
 
 SIZES = {"small 320x240": (240, 320), "medium 1024x768": (768, 1024), "4K 3840x2160": (2160, 3840)}
 

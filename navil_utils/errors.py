@@ -63,3 +63,8 @@ class WeightsMismatchError(CheckpointError):
         self.missing = list(missing or [])
         self.unexpected = list(unexpected or [])
         self.mismatched = list(mismatched or [])
+
+
+class WorkbookFilesError(NaViLError, FileNotFoundError):
+    """The workbook's own files (data/, tests/fixtures/, figures/) cannot be found — e.g. navil_utils was
+    installed without its repository."""

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import navil_utils
-from navil_utils.chatting import batch_chat, chat_turn, pixel_budget, prepare_chat_inputs
+from navil_utils.chatting import batch_chat, chat_turn
+from navil_utils.processing.processor import pixel_budget, prepare_chat_inputs
+from navil_utils.constants import IMG_CONTEXT_TOKEN, IMG_START_TOKEN
 from navil_utils.errors import PromptError
-from navil_utils.image_tokens import IMG_CONTEXT_TOKEN, IMG_START_TOKEN
-from navil_utils.parity import compare_with_golden
-from navil_utils.prompting import clean_response, get_template
-from navil_utils.testing import GOLDEN_VARIANTS, ToyTokenizer, golden_dir, read_meta
+from navil_utils.processing.templates import clean_response, get_template
+from navil_utils.reference.golden import GOLDEN_VARIANTS, golden_dir, read_meta
+from navil_utils.reference.parity import compare_with_golden
+from navil_utils.reference.toy_tokenizer import ToyTokenizer
 
 IMAGE = golden_dir("common") / "image.png"
 

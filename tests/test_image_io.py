@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from navil_utils.errors import ImageLoadError, ImageNotFoundError
-from navil_utils.image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, make_test_pattern, to_rgb
-from navil_utils.preprocessing import preprocess_multiscale
-from navil_utils.tiling import preprocess_tiles
+from navil_utils.processing.image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, make_test_pattern, to_rgb
+from navil_utils.processing.multiscale import preprocess_multiscale
+from navil_utils.processing.tiling import preprocess_tiles
 
 SMALL = dict(min_pixels=12 * 256, max_pixels=48 * 256)
 
@@ -111,7 +111,7 @@ def test_one_pixel_image_through_both_preprocessors():
     multi = preprocess_multiscale(pixel, **SMALL)
     # 1×1 is grown to the min budget: β = √3072 → 56×56 → padded 64×64 → one scale of 4×4 patches
     assert multi.image_grid_thw.tolist() == [[1, 4, 4]] and multi.scales[0].resized_hw == (56, 56)
-    from navil_utils.preprocessing_reference import reference_preprocess_multiscale
+    from navil_utils.reference.preprocessing import reference_preprocess_multiscale
 
     assert torch.equal(reference_preprocess_multiscale(pixel, **SMALL)[0], multi.pixel_values)
     tiles = preprocess_tiles(pixel)
@@ -124,7 +124,7 @@ def test_extreme_but_allowed_aspect_ratios(size):
     image = make_test_pattern(height, width)
     multi = preprocess_multiscale(image, **SMALL)
     assert multi.scales[-1].original_hw == (height, width)
-    from navil_utils.preprocessing_reference import reference_preprocess_multiscale
+    from navil_utils.reference.preprocessing import reference_preprocess_multiscale
 
     pixel_values, grids, _ = reference_preprocess_multiscale(image, **SMALL)
     assert torch.equal(pixel_values, multi.pixel_values) and grids.tolist() == multi.image_grid_thw.tolist()

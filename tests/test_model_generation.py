@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from navil_utils.models.golden import GOLDEN_VARIANTS, load_golden_case
+from navil_utils.reference.golden import load_golden_case
 
 IM_END = 4  # toy tokenizer id of <|im_end|>, the reference chat()'s eos
 NEW = 8

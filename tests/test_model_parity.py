@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from navil_utils.errors import ModelInputError
-from navil_utils.models import NaViLChatConfig, NaViLForConditionalGeneration, window_layout
-from navil_utils.models.golden import GOLDEN_VARIANTS, load_golden_case
+from navil_utils.models.configuration_navil import NaViLChatConfig
+from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
+from navil_utils.models.vision import window_layout
+from navil_utils.reference.golden import load_golden_case
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 

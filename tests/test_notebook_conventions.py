@@ -45,7 +45,7 @@ def test_masked_cells_follow_nbval_and_write_nothing(path):
     """
     from nbval.plugin import find_comment_markers
 
-    from navil_utils.run_notebooks import IGNORE_OUTPUT_MARKER, is_volatile
+    from navil_utils.workbook.run_notebooks import IGNORE_OUTPUT_MARKER, is_volatile
 
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
@@ -65,7 +65,7 @@ def test_masked_cells_follow_nbval_and_write_nothing(path):
 def test_is_volatile_matches_nbval_on_edge_cases():
     from nbval.plugin import find_comment_markers
 
-    from navil_utils.run_notebooks import is_volatile
+    from navil_utils.workbook.run_notebooks import is_volatile
 
     sources = ["# NBVAL_IGNORE_OUTPUT\nx = 1", "x = 1\n  # NBVAL_IGNORE_OUTPUT", "## NBVAL_IGNORE_OUTPUT",
                "# NBVAL_IGNORE_OUTPUT  (reason)\nx = 1", "x = 1  # NBVAL_IGNORE_OUTPUT", "x = 1"]

@@ -11,17 +11,17 @@ import pytest
 import torch
 
 import navil_utils
-from navil_utils.parity import compare_with_golden, format_error, parity_verdicts
-from navil_utils.testing import GOLDEN_VARIANTS
+from navil_utils.reference.golden import GOLDEN_VARIANTS
+from navil_utils.reference.parity import compare_with_golden, format_error, parity_verdicts
 
 FLOAT64_ROUNDOFF_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 import navil_utils
-from navil_utils.parity import compare_with_golden
+from navil_utils.reference.parity import compare_with_golden
 out = {}
 for variant in %r:
-    model, _ = navil_utils.load_chat_model(navil_utils.golden_dir(variant), dtype=torch.float64)
+    model, _ = navil_utils.load_golden_chat_model(variant, dtype=torch.float64)
     report = compare_with_golden(model, navil_utils.golden_dir(variant), generate=False)
     out[variant] = dict(zip(report["tensor"], report["max_abs_error"]))
 print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "errors": out}))
@@ -29,7 +29,7 @@ print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "errors
 
 
 def float64_report(variant: str) -> pd.DataFrame:
-    model, _ = navil_utils.load_chat_model(navil_utils.golden_dir(variant), dtype=torch.float64)
+    model, _ = navil_utils.load_golden_chat_model(variant, dtype=torch.float64)
     return compare_with_golden(model, navil_utils.golden_dir(variant), generate=False)
 
 
@@ -41,9 +41,9 @@ def reports64():
 @pytest.mark.parametrize("variant", GOLDEN_VARIANTS)
 def test_float64_model_computes_in_float64(variant):
     """No step of a float64 model falls back to float32 (norms, softmax, RoPE, logits, loss)."""
-    from navil_utils.parity import golden_tensors
+    from navil_utils.reference.parity import golden_tensors
 
-    model, _ = navil_utils.load_chat_model(navil_utils.golden_dir(variant), dtype=torch.float64)
+    model, _ = navil_utils.load_golden_chat_model(variant, dtype=torch.float64)
     gold = golden_tensors(navil_utils.golden_dir(variant))
     pixels = gold["pixels"]["pixel_values"].double()
     grid = gold["pixels"]["image_grid_thw"]

@@ -15,23 +15,11 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 import navil_utils
+from navil_utils.constants import IMG_CONTEXT_TOKEN, IMG_FRAME_BREAK_TOKEN, IMG_LINE_BREAK_TOKEN, NAVIL_MAX_PIXELS, NAVIL_MIN_PIXELS
 from navil_utils.errors import ImageLoadError
-from navil_utils.image_tokens import IMG_CONTEXT_TOKEN, IMG_FRAME_BREAK_TOKEN, IMG_LINE_BREAK_TOKEN
-from navil_utils.preprocessing import (
-    NAVIL_MAX_PIXELS,
-    NAVIL_MIN_PIXELS,
-    merged_token_windows,
-    navil_resize_size,
-    navil_token_count,
-    next_scale_budget,
-    patchify,
-    plan_multiscale,
-    preprocess_multiscale,
-    unpatchify,
-    window_token_order,
-)
-from navil_utils.preprocessing_reference import reference_preprocess_multiscale, reference_scale_sizes
-from navil_utils.testing import golden_dir
+from navil_utils.processing.multiscale import merged_token_windows, navil_resize_size, navil_token_count, next_scale_budget, patchify, plan_multiscale, preprocess_multiscale, unpatchify, window_token_order
+from navil_utils.reference.golden import golden_dir
+from navil_utils.reference.preprocessing import reference_preprocess_multiscale, reference_scale_sizes
 
 GOLDEN_MIN, GOLDEN_MAX = 12 * 16 * 16, 48 * 16 * 16  # the fixture's budget: 3072 / 12288 px
 
@@ -155,7 +143,9 @@ def test_float32_budget_semantics():
     for height, width in [(61, 101), (997, 1009), (25, 5000), (4097, 4099)]:
         budget = np.float32(height * width - 0.5)
         got = navil_resize_size(height, width, 1, budget)
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            smart_resize,
+        )
 
         assert got == smart_resize(height, width, factor=1, min_pixels=1, max_pixels=torch.tensor(float(budget)))
 

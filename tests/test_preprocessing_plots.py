@@ -9,10 +9,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from navil_utils import plotting  # noqa: E402
-from navil_utils.image_io import make_test_pattern  # noqa: E402
-from navil_utils.preprocessing import preprocess_multiscale, token_budget_table  # noqa: E402
-from navil_utils.tiling import preprocess_tiles  # noqa: E402
+from navil_utils.plotting.preprocessing import budget_explorer, image_span_categories, plot_multiscale_scales, plot_nvlm_tiles, plot_token_budgets, plot_token_sequence  # noqa: E402
+from navil_utils.analysis.token_budgets import token_budget_table
+from navil_utils.processing.image_io import make_test_pattern  # noqa: E402
+from navil_utils.processing.multiscale import preprocess_multiscale  # noqa: E402
+from navil_utils.processing.tiling import preprocess_tiles  # noqa: E402
 
 SMALL = dict(min_pixels=12 * 256, max_pixels=120 * 256)
 
@@ -23,7 +24,7 @@ def inputs():
 
 
 def test_scales_figure_has_one_image_per_scale(inputs):
-    fig = plotting.plot_multiscale_scales(inputs)
+    fig = plot_multiscale_scales(inputs)
     ax = fig.axes[0]
     assert len(ax.images) == len(inputs.scales) >= 2
     for image, scale in zip(ax.images, inputs.scales):
@@ -35,13 +36,13 @@ def test_scales_figure_has_one_image_per_scale(inputs):
 
 
 def test_token_strip_counts_match_span(inputs):
-    tokens, categories = plotting.image_span_categories([s.grid_thw for s in inputs.scales])
+    tokens, categories = image_span_categories([s.grid_thw for s in inputs.scales])
     assert len(tokens) == len(inputs.image_span_text().replace("><", ">\n<").split("\n"))
     for k, scale in enumerate(inputs.scales):
         assert categories.count(k) == scale.visual_tokens
     assert categories.count("line") == sum(s.tokens.rows for s in inputs.scales)
     assert categories.count("frame") == len(inputs.scales)
-    fig = plotting.plot_token_sequence(inputs, text_before=5, text_after=7)
+    fig = plot_token_sequence(inputs, text_before=5, text_after=7)
     top = fig.axes[0]
     assert top.images[0].get_array().shape == (1, len(tokens) + 12)
     labels = [t.get_text() for t in top.get_legend().get_texts()]
@@ -52,12 +53,12 @@ def test_token_strip_counts_match_span(inputs):
 
 def test_tiles_figure_and_budget_figure():
     tiles = preprocess_tiles(make_test_pattern(120, 300), max_num=4)
-    fig = plotting.plot_nvlm_tiles(tiles)
+    fig = plot_nvlm_tiles(tiles)
     assert f"{tiles.num_tiles} tiles × 256 = {256 * tiles.num_tiles}" in fig.get_suptitle()
     plt.close(fig)
     sizes = token_budget_table([(30, 40), (300, 400), (3000, 4000)])
     aspects = token_budget_table([(1000, 250), (500, 500), (250, 1000)])
-    fig = plotting.plot_token_budgets(sizes, aspects)
+    fig = plot_token_budgets(sizes, aspects)
     left = fig.axes[0]
     assert np.array_equal(left.lines[0].get_ydata(), sizes["navil_visual_tokens"].to_numpy())
     assert np.array_equal(left.lines[2].get_ydata(), sizes["nvlm_visual_tokens"].to_numpy())
@@ -65,7 +66,7 @@ def test_tiles_figure_and_budget_figure():
 
 
 def test_budget_slider_redraws():
-    widget = plotting.budget_explorer(make_test_pattern(100, 200), (16, 64), initial=16, min_pixels=12 * 256)
+    widget = budget_explorer(make_test_pattern(100, 200), (16, 64), initial=16, min_pixels=12 * 256)
     slider, picture = widget.children
     first = bytes(picture.value)
     assert first.startswith(b"\x89PNG")

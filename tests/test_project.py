@@ -13,8 +13,8 @@ import torch
 import yaml
 
 import navil_utils
-from navil_utils.notebook import resolve_model_path, setup_notebook
-from navil_utils.plotting import FIGSIZE, save_figure
+from navil_utils.plotting.style import FIGSIZE, save_figure
+from navil_utils.workbook.notebook import resolve_model_path, setup_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_public_api_is_lazily_exported():
 def test_run_notebooks_executes_in_place_and_is_idempotent(tmp_path):
     import nbformat
 
-    from navil_utils.run_notebooks import execute_notebook, find_notebooks
+    from navil_utils.workbook.run_notebooks import execute_notebook, find_notebooks
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -178,7 +178,7 @@ def test_figures_dir_follows_the_environment(tmp_path, monkeypatch):
     """``$NAVIL_FIGURES_DIR`` redirects save_figure (nbval runs use it to leave figures/ untouched)."""
     import matplotlib.pyplot as plt
 
-    from navil_utils.paths import FIGURES_DIR_ENV, figures_dir, repo_root
+    from navil_utils.workbook.paths import FIGURES_DIR_ENV, figures_dir, repo_root
 
     monkeypatch.delenv(FIGURES_DIR_ENV, raising=False)
     assert figures_dir() == repo_root() / "figures"
@@ -197,7 +197,7 @@ def test_nbval_session_writes_figures_to_a_temporary_directory():
     """notebooks/conftest.py is what keeps ``pytest --nbval`` from rewriting the tracked figures."""
     import importlib.util
 
-    from navil_utils.paths import FIGURES_DIR_ENV, repo_root
+    from navil_utils.workbook.paths import FIGURES_DIR_ENV, repo_root
 
     spec = importlib.util.spec_from_file_location("nbval_conftest", repo_root() / "notebooks" / "conftest.py")
     module = importlib.util.module_from_spec(spec)

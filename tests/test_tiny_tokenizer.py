@@ -5,20 +5,14 @@ import json
 
 import pytest
 
+from navil_utils.constants import SPECIAL_TOKEN_LIST
 from navil_utils.errors import ConfigError
-from navil_utils.image_tokens import SPECIAL_TOKEN_LIST, image_span_ids, image_span_text
-from navil_utils.paths import data_dir
-from navil_utils.prompting import TEMPLATES, build_prompt
-from navil_utils.synthetic import REGIONS, TEXT_ALPHABET, SyntheticVQA
-from navil_utils.tiny_tokenizer import (
-    TINY_SPECIAL_TOKENS,
-    TINY_SYSTEM_MESSAGE,
-    build_tiny_tokenizer,
-    load_tiny_tokenizer,
-    tiny_corpus,
-    train_tiny_tokenizer,
-)
-from navil_utils.tokenization import navil_token_ids
+from navil_utils.processing.image_tokens import image_span_ids, image_span_text
+from navil_utils.processing.templates import TEMPLATES, build_prompt
+from navil_utils.processing.tokenizers import navil_token_ids
+from navil_utils.tiny.synthetic import REGIONS, TEXT_ALPHABET, SyntheticVQA
+from navil_utils.tiny.tokenizer import TINY_SPECIAL_TOKENS, TINY_SYSTEM_MESSAGE, build_tiny_tokenizer, load_tiny_tokenizer, tiny_corpus, train_tiny_tokenizer
+from navil_utils.workbook.paths import data_dir
 
 SHIPPED = data_dir() / "models" / "navil-tiny"
 GRIDS = [(1, 4, 6), (1, 6, 8)]  # two scales of one image, (t, h, w) in patches

@@ -1,4 +1,4 @@
-"""Tokenizers without remote code (navil_utils.tokenization) and the fixtures' toy tokenizer.
+"""Tokenizers without remote code (navil_utils.processing.tokenizers) and the fixtures' toy tokenizer.
 
 The InternLM2 tests train a tiny sentencepiece BPE model (InternLM2-like settings: byte fallback,
 identity normalisation, dummy prefix, <unk>/<s>/</s> = 0/1/2, chat tokens as user-defined pieces) and
@@ -15,11 +15,12 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
 
+from navil_utils.constants import SPECIAL_TOKEN_LIST
 from navil_utils.errors import CheckpointError
-from navil_utils.image_tokens import SPECIAL_TOKEN_LIST
-from navil_utils.prompting import build_prompt
-from navil_utils.testing import GOLDEN_VARIANTS, ToyTokenizer, golden_dir, read_meta
-from navil_utils.tokenization import InternLM2Tokenizer, load_tokenizer, navil_token_ids, tokenizer_kind
+from navil_utils.processing.templates import build_prompt
+from navil_utils.processing.tokenizers import InternLM2Tokenizer, load_tokenizer, navil_token_ids, tokenizer_kind
+from navil_utils.reference.golden import GOLDEN_VARIANTS, golden_dir, read_meta
+from navil_utils.reference.toy_tokenizer import ToyTokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

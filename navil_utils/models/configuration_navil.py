@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from ..errors import ConfigError
+from navil_utils.errors import ConfigError
 
 #: Architectures accepted in ``llm_config["architectures"][0]`` (the reference's dispatch keys).
 INTERNLM2_VE_ARCHITECTURE = "InternLM2VEForCausalLM"

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 
-from .common import (ModalityRouter, NaViLDecoderOutput, NaViLTextRotaryEmbedding, compute_dtype,
-                     resolve_attention_implementation)
+from navil_utils.models.common import ModalityRouter, NaViLDecoderOutput, NaViLTextRotaryEmbedding, compute_dtype, resolve_attention_implementation
 
 
 class VEDecoderForCausalLM(PreTrainedModel):

@@ -24,9 +24,9 @@ from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .common import ModalityRouter, NaViLRMSNorm, apply_rotary, eager_attention_forward
-from .configuration_navil import InternLM2VEConfig
-from .decoder import VEDecoderForCausalLM, build_rotary
+from navil_utils.models.common import ModalityRouter, NaViLRMSNorm, apply_rotary, eager_attention_forward
+from navil_utils.models.configuration_navil import InternLM2VEConfig
+from navil_utils.models.decoder import VEDecoderForCausalLM, build_rotary
 
 
 class InternLM2VEMLP(nn.Module):

@@ -1,241 +1,18 @@
-"""Strict loading of NaViL checkpoints (official format, safetensors only) and Auto-class registration.
+"""``load_model`` and the transformers Auto-class registration of NaViL.
 
-``load_model(path)`` accepts a local directory holding ``config.json`` and ``model.safetensors`` (or a
-sharded ``model.safetensors.index.json``) or a hub id (``org/name``).  Before any weight is read, the
-checkpoint's tensor names and shapes (safetensors headers) are compared with the model built from the
-config: missing, unexpected or wrongly shaped keys raise :class:`~navil_utils.errors.WeightsMismatchError`
-listing them — a model is never returned with silently random weights.  Other failures raise typed
-errors: :class:`CheckpointNotFoundError` (no directory / config / weights / shard),
-:class:`CorruptCheckpointError` (truncated or corrupt safetensors, bad index), :class:`ConfigError` (not a
-NaViL config, unknown LLM architecture), :class:`OfflineError` (a hub id while the hub is unreachable or
-``HF_HUB_OFFLINE`` is set and the files are not cached).
+``load_model(path)`` builds :class:`~navil_utils.models.NaViLForConditionalGeneration` from a checkpoint
+directory or hub id through ``from_pretrained``, which checks every weight strictly first
+(:mod:`navil_utils.models.checkpoint`).
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    ConfigError,
-    CorruptCheckpointError,
-    OfflineError,
-    WeightsMismatchError,
-)
-from ..image_tokens import IMG_CONTEXT_TOKEN, IMG_START_TOKEN, SPECIAL_TOKEN_LIST
-from .configuration_navil import (
-    InternLM2VEConfig,
-    NaViLChatConfig,
-    NaViLVisionConfig,
-    Qwen3VEConfig,
-)
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-#: Chat-template tokens whose ids are looked up together with the 12 NaViL special tokens.
-CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt"]
-_MAX_LISTED = 20
-
-
-# ----------------------------------------------------------------------------- locating files
-def _hub_offline_requested() -> bool:
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
-
-
-def resolve_checkpoint(path_or_id: str | os.PathLike, *, revision: str | None = None,
-                       cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                       local_files_only: bool = False) -> Path:
-    """Return the local directory of a checkpoint, downloading a hub id if the hub is reachable.
-
-    A string that is not an existing path and looks like ``org/name`` is treated as a hub id.  Offline
-    (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` set, ``local_files_only``, or no network) only the local
-    hub cache is consulted, and a miss raises :class:`OfflineError` at once (no retry loop).
-    """
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; expected a checkpoint directory containing {CONFIG_NAME}")
-    text = str(path_or_id)
-    if not _HUB_ID.match(text) or Path(text).is_absolute():
-        raise CheckpointNotFoundError(f"checkpoint directory {path} does not exist")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    offline = local_files_only or _hub_offline_requested()
-    try:
-        return Path(snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
-                                      local_files_only=offline, allow_patterns=_HUB_PATTERNS, etag_timeout=10))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise CheckpointNotFoundError(f"hub repository {text!r} (revision {revision or 'main'}) not found or not "
-                                      f"accessible: {err}") from err
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, ConnectionError, TimeoutError) as err:
-        why = "offline mode is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE or local_files_only)" if offline \
-            else "the Hugging Face hub is not reachable"
-        raise OfflineError(f"{text!r} looks like a hub id, but {why} and it is not in the local hub cache. "
-                           "Download it where the hub is reachable, or pass a local checkpoint directory.") from err
-
-
-def weight_files(directory: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a checkpoint directory (single file or every shard of the index)."""
-    directory = Path(directory)
-    single, index = directory / WEIGHTS_NAME, directory / WEIGHTS_INDEX_NAME
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise CorruptCheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") \
-                from err
-        missing = [s for s in shards if not (directory / s).is_file()]
-        if missing:
-            raise CheckpointNotFoundError(f"{index} lists shard(s) that do not exist: {missing}")
-        return [directory / s for s in shards]
-    others = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt*"))
-    hint = f" (found {others}: only safetensors are loaded, never pickles)" if others else ""
-    raise CheckpointNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}{hint}")
-
-
-def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape from the safetensors headers (no tensor data is read)."""
-    from safetensors import SafetensorError, safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        if file.stat().st_size < 8:
-            raise CorruptCheckpointError(f"{file} is truncated ({file.stat().st_size} bytes)")
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-        except SafetensorError as err:
-            raise CorruptCheckpointError(f"{file} is not a readable safetensors file: {err}") from err
-    return shapes
-
-
-# ----------------------------------------------------------------------------- config
-def load_config(directory: str | os.PathLike, **overrides: Any) -> NaViLChatConfig:
-    """Read ``config.json`` of a NaViL checkpoint (``model_type`` must be ``navil_chat``)."""
-    file = Path(directory) / CONFIG_NAME
-    if not file.is_file():
-        raise CheckpointNotFoundError(f"{file} not found: {directory} is not a model directory")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CorruptCheckpointError(f"{file} is not valid JSON: {err}") from err
-    model_type = data.get("model_type")
-    if model_type != NaViLChatConfig.model_type:
-        raise ConfigError(f"{file} has model_type {model_type!r}; this loader reads NaViL checkpoints "
-                          f"(model_type {NaViLChatConfig.model_type!r})")
-    config = NaViLChatConfig.from_pretrained(str(directory), **overrides)
-    return config
-
-
-# ----------------------------------------------------------------------------- strict key check
-def expected_shapes(config: NaViLChatConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """State-dict shapes of the model for ``config`` (built on the meta device) and its tied keys."""
-    from .modeling_navil import NaViLForConditionalGeneration
-
-    with torch.device("meta"):
-        model = NaViLForConditionalGeneration(config)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return shapes, dict(model.all_tied_weights_keys)
-
-
-def _listing(keys: list[Any]) -> str:
-    shown = ", ".join(str(k) for k in keys[:_MAX_LISTED])
-    return shown + (f", … ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
-
-
-def check_weights(config: NaViLChatConfig, found: Mapping[str, tuple[int, ...]], where: str = "checkpoint") -> None:
-    """Raise :class:`WeightsMismatchError` unless ``found`` (name → shape) matches the model exactly.
-
-    A tied target (e.g. ``language_model.output.weight`` when ``tie_word_embeddings``) may be absent.
-    """
-    expected, tied = expected_shapes(config)
-    missing = sorted(k for k in expected if k not in found and k not in tied)
-    unexpected = sorted(k for k in found if k not in expected)
-    mismatched = sorted((k, tuple(found[k]), expected[k]) for k in expected
-                        if k in found and tuple(found[k]) != expected[k])
-    if not (missing or unexpected or mismatched):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
-    if mismatched:
-        parts.append(f"{len(mismatched)} wrongly shaped key(s): "
-                     + _listing([f"{k} (file {f}, model {m})" for k, f, m in mismatched]))
-    raise WeightsMismatchError(f"{where} does not match the NaViL model built from its config — "
-                               + "; ".join(parts), missing, unexpected, mismatched)
-
-
-# ----------------------------------------------------------------------------- special tokens
-def special_token_ids_from_tokenizer_files(directory: str | os.PathLike) -> dict[str, int] | None:
-    """Ids of the NaViL special tokens (and ``<|im_start|>``/``<|im_end|>``) from tokenizer files.
-
-    Reads the added-token tables of ``tokenizer_config.json``, ``tokenizer.json`` and ``added_tokens.json``;
-    if ``<IMG_CONTEXT>``/``<img>`` are not there, falls back to ``transformers.AutoTokenizer`` (no remote
-    code).  Returns None when the directory has no usable tokenizer.
-    """
-    directory = Path(directory)
-    wanted = set(SPECIAL_TOKEN_LIST) | set(CHAT_TOKENS)
-    found: dict[str, int] = {}
-
-    def read(name: str) -> Any:
-        file = directory / name
-        if not file.is_file():
-            return None
-        try:
-            return json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-
-    config = read("tokenizer_config.json") or {}
-    for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
-        if isinstance(entry, dict) and entry.get("content") in wanted:
-            found[entry["content"]] = int(token_id)
-    for entry in (read("tokenizer.json") or {}).get("added_tokens") or []:
-        if isinstance(entry, dict) and entry.get("content") in wanted:
-            found.setdefault(entry["content"], int(entry["id"]))
-    for content, token_id in (read("added_tokens.json") or {}).items():
-        if content in wanted:
-            found.setdefault(content, int(token_id))
-    if IMG_CONTEXT_TOKEN in found and IMG_START_TOKEN in found:
-        return found
-    if not any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
-    except (OSError, ValueError, ImportError, KeyError, TypeError):
-        return None
-    vocab = tokenizer.get_vocab()
-    for token in wanted:
-        if token in vocab:
-            found.setdefault(token, int(vocab[token]))
-    return found if IMG_CONTEXT_TOKEN in found and IMG_START_TOKEN in found else None
+from navil_utils.models.configuration_navil import InternLM2VEConfig, NaViLChatConfig, NaViLVisionConfig, Qwen3VEConfig
 
 
 # ----------------------------------------------------------------------------- public API
@@ -263,7 +40,7 @@ def load_model(
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError, WeightsMismatchError, ConfigError, OfflineError.
     """
-    from .modeling_navil import NaViLForConditionalGeneration
+    from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
 
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -274,24 +51,12 @@ def load_model(
     return NaViLForConditionalGeneration.from_pretrained(path, special_token_ids=special_token_ids, **kwargs)
 
 
-def prepare_pretrained(path: str | os.PathLike, config: Any, hub_kwargs: dict[str, Any],
-                       config_overrides: dict[str, Any]) -> tuple[Path, NaViLChatConfig]:
-    """Resolve the checkpoint directory, read its config and validate every weight name/shape (no data read)."""
-    directory = resolve_checkpoint(path, **hub_kwargs)
-    if config is None or isinstance(config, (str, os.PathLike)):
-        config = load_config(directory if config is None else config, **config_overrides)
-    elif not isinstance(config, NaViLChatConfig):
-        raise ConfigError(f"config must be a NaViLChatConfig, got {type(config).__name__}")
-    check_weights(config, checkpoint_shapes(weight_files(directory)), where=str(directory))
-    return directory, config
-
-
 def register_auto_classes() -> None:
     """Register the NaViL configs with ``AutoConfig`` and the model with ``AutoModel`` /
     ``AutoModelForImageTextToText`` (idempotent)."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-    from .modeling_navil import NaViLForConditionalGeneration
+    from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
 
     for cls in (NaViLChatConfig, NaViLVisionConfig, InternLM2VEConfig, Qwen3VEConfig):
         AutoConfig.register(cls.model_type, cls, exist_ok=True)

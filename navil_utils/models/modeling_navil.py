@@ -38,13 +38,14 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from ..errors import ConfigError, ModelInputError, WeightsMismatchError
-from ..image_tokens import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, SPECIAL_TOKEN_LIST
-from .common import NaViLCausalLMOutput, compute_dtype
-from .configuration_navil import INTERNLM2_VE_ARCHITECTURE, QWEN3_VE_ARCHITECTURE, NaViLChatConfig
-from .internlm2_ve import InternLM2VEForCausalLM
-from .qwen3_ve import Qwen3VEForCausalLM
-from .vision import NaViLVisionModel
+from navil_utils.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, SPECIAL_TOKEN_LIST
+from navil_utils.errors import ConfigError, ModelInputError, WeightsMismatchError
+from navil_utils.models.checkpoint import prepare_pretrained, special_token_ids_from_tokenizer_files
+from navil_utils.models.common import NaViLCausalLMOutput, compute_dtype
+from navil_utils.models.configuration_navil import INTERNLM2_VE_ARCHITECTURE, QWEN3_VE_ARCHITECTURE, NaViLChatConfig
+from navil_utils.models.internlm2_ve import InternLM2VEForCausalLM
+from navil_utils.models.qwen3_ve import Qwen3VEForCausalLM
+from navil_utils.models.vision import NaViLVisionModel
 
 LLM_CLASSES: dict[str, type[PreTrainedModel]] = {
     INTERNLM2_VE_ARCHITECTURE: InternLM2VEForCausalLM,
@@ -130,11 +131,9 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         Accepts a local checkpoint directory or a hub id (see :func:`navil_utils.models.loading.load_model`
         for the errors raised); ``special_token_ids`` as in ``load_model``.  Used by ``AutoModel`` too.
         """
-        from .loading import prepare_pretrained, special_token_ids_from_tokenizer_files
-
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only")
                       if kwargs.get(k) is not None}
-        directory, config = prepare_pretrained(pretrained_model_name_or_path, config, hub_kwargs, {})
+        directory, config = prepare_pretrained(pretrained_model_name_or_path, config, hub_kwargs, {}, cls)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(str(directory), *model_args, config=config,
                                               output_loading_info=True, **kwargs)

@@ -35,10 +35,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
-from ..errors import ModelInputError
-from .common import (NaViLRMSNorm, compute_dtype, eager_attention_forward, resolve_attention_implementation,
-                     rotate_half)
-from .configuration_navil import NaViLVisionConfig
+from navil_utils.errors import ModelInputError
+from navil_utils.models.common import NaViLRMSNorm, compute_dtype, eager_attention_forward, resolve_attention_implementation, rotate_half
+from navil_utils.models.configuration_navil import NaViLVisionConfig
 
 ROPE_THETA = 10000.0
 

@@ -1,0 +1,142 @@
+"""Device-map planning: balanced placement of a NaViL model's weights over GPUs, whole layers only.
+
+    plan = plan_device_map(build_empty_model(navil_9b_config()), num_gpus=2, gpu_memory_gib=80)
+    model = load_model(path, device_map=plan.device_map)
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+GiB = 1024**3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device-map planning
+# ---------------------------------------------------------------------------------------------------
+@contextmanager
+def _quiet_accelerate():
+    """accelerate warns "Device N is not available" on machines without those GPUs — we plan anyway."""
+    loggers = [logging.getLogger(n) for n in ("accelerate", "accelerate.utils.modeling", "accelerate.utils")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@dataclass
+class DevicePlan:
+    """Where each module goes for ``num_gpus`` GPUs of ``gpu_memory_gib`` each.
+
+    ``device_map`` maps module names to a GPU index, ``"cpu"`` or ``"disk"`` (accelerate format,
+    usable as ``device_map=`` of :func:`navil_utils.load_model`); ``bytes_per_device`` holds the weight
+    bytes placed on each device.
+    """
+
+    num_gpus: int
+    gpu_memory_gib: float
+    dtype: str
+    device_map: dict[str, int | str]
+    bytes_per_device: dict[int | str, int]
+
+    @property
+    def fits_on_gpus(self) -> bool:
+        return all(isinstance(dev, int) for dev in self.device_map.values())
+
+    def summary(self):
+        """One row per device: weight GiB and the first/last modules placed there."""
+        import pandas as pd
+
+        rows = []
+        for device, size in self.bytes_per_device.items():
+            modules = [name for name, dev in self.device_map.items() if dev == device]
+            rows.append({"device": str(device), "weights (GiB)": round(size / GiB, 2), "modules": len(modules),
+                         "first": modules[0] if modules else "", "last": modules[-1] if modules else ""})
+        return pd.DataFrame(rows)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_device_map(
+    model,
+    num_gpus: int,
+    gpu_memory_gib: float = 80.0,
+    *,
+    dtype=None,
+    headroom_gib: float = 4.0,
+    cpu_memory_gib: float = 512.0,
+    no_split_module_classes: Sequence[str] | None = None,
+) -> DevicePlan:
+    """Plan a balanced device map for a (meta-device) NaViL model with accelerate.
+
+    Args:
+        model: the model, typically from :func:`build_empty_model` (no memory needed).
+        num_gpus: GPUs to spread over (1, 2, 4, 8, …).
+        gpu_memory_gib: memory per GPU.
+        dtype: weight dtype for the byte counts (default: the parameters' dtype).
+        headroom_gib: memory kept free per GPU for activations and the KV cache.
+        cpu_memory_gib: CPU RAM that may take what does not fit (then ``fits_on_gpus`` is False).
+        no_split_module_classes: modules kept whole; default ``model._no_split_modules``.
+    """
+    from accelerate.utils import (
+        compute_module_sizes,
+        get_balanced_memory,
+        infer_auto_device_map,
+    )
+
+    if num_gpus < 1:
+        raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
+    no_split = list(no_split_module_classes if no_split_module_classes is not None
+                    else (getattr(model, "_no_split_modules", None) or []))
+    usable = max(gpu_memory_gib - headroom_gib, 0.0)
+    max_memory: dict[int | str, int] = {i: int(usable * GiB) for i in range(num_gpus)}
+    max_memory["cpu"] = int(cpu_memory_gib * GiB)
+    with _quiet_accelerate():
+        if num_gpus > 1:
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             dtype=dtype)
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                           dtype=dtype)
+        sizes = compute_module_sizes(model, dtype=dtype)
+    per_device: dict[int | str, int] = {}
+    for name, device in device_map.items():
+        per_device[device] = per_device.get(device, 0) + int(sizes[name])
+    first_param = next(model.parameters())
+    dtype_name = str(dtype if dtype is not None else first_param.dtype).replace("torch.", "")
+    return DevicePlan(num_gpus=num_gpus, gpu_memory_gib=gpu_memory_gib, dtype=dtype_name,
+                      device_map=dict(device_map), bytes_per_device=per_device)
+
+
+def device_component(module_name: str) -> str:
+    """Coarse group of a module or parameter name for plots: ViT, connector, embeddings, LLM layers, head."""
+    if module_name.startswith("vision_model"):
+        return "vision encoder"
+    if module_name.startswith("mlp1") or "special_token_embedding" in module_name:
+        return "connector + special embeddings"
+    if ".layers." in module_name:
+        return "LLM layers (both experts)"
+    if "tok_embeddings" in module_name or "embed_tokens" in module_name:
+        return "token embeddings"
+    if re.search(r"(^|\.)(output|lm_head)(\.|$)", module_name):
+        return "LM head"
+    return "norms / rotary"
+
+
+def device_of_parameter(param_name: str, device_map: Mapping[str, int | str]) -> int | str:
+    """Device of a parameter under an accelerate device map (longest matching module prefix)."""
+    best, device = -1, None
+    for prefix, dev in device_map.items():
+        if (prefix == "" or param_name == prefix or param_name.startswith(prefix + ".")) and len(prefix) > best:
+            best, device = len(prefix), dev
+    if device is None:
+        raise KeyError(f"parameter {param_name!r} is not covered by the device map")
+    return device

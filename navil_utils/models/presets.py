@@ -1,0 +1,170 @@
+"""Configurations of the NaViL models this workbook builds: the full-size NaViL-2B / NaViL-9B.
+
+The released ``config.json`` files were not obtainable offline, so the two configurations below are
+assembled from:
+
+* the paper's Table 6 (ViT depth / width / MLP width / heads; LLM depth / width / MLP width / heads);
+* the public configs of the base LLMs NaViL starts from — InternLM2-1.8B (NaViL-2B) and Qwen3-8B
+  (NaViL-9B): vocabulary, KV heads, head dim, RoPE, norm eps, token ids;
+* the official code's defaults (``patch_size`` 16 as in its demo, ``downsample_ratio`` 0.5,
+  pixel budgets 256 / 24576 patches, ``scale_downsample_ratio`` 0.7071).
+
+Assumptions that do not change the parameter count by more than 0.01 %: ViT ``qkv_bias`` false
+(reference default), ``qk_normalization`` false (True crashes the reference ViT), no window attention;
+NaViL-2B's vocabulary = InternLM2's 92 544 rows + one row per NaViL image token (12).
+Parameter counts against the paper: :mod:`navil_utils.analysis.parameters`.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from navil_utils.constants import SPECIAL_TOKEN_LIST
+
+#: NaViL-2B: ViT 24×1472 (Table 6) + InternLM2-1.8B with modality experts.
+NAVIL_2B: dict[str, Any] = {
+    "architectures": ["NaViL"],
+    "model_type": "navil_chat",
+    "template": "internlm2-chat",
+    "downsample_ratio": 0.5,
+    "force_image_size": 32,
+    "anyres_image_size": True,
+    "scale_downsample_ratio": 0.7071,
+    "min_dynamic_patch": 256,
+    "max_dynamic_patch": 24576,
+    "select_layer": -1,
+    "ps_version": "v2",
+    "vision_config": {
+        "model_type": "navil_vit",
+        "patch_size": 16,
+        "image_size": 32,
+        "hidden_size": 1472,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 23,
+        "intermediate_size": 5888,
+        "qkv_bias": False,
+        "qk_normalization": False,
+        "norm_type": "rms_norm",
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+        "initializer_factor": 0.1,
+        "window_size": 8,
+        "fullatt_block_indexes": None,
+    },
+    "llm_config": {
+        "architectures": ["InternLM2VEForCausalLM"],
+        "vocab_size": 92544 + len(SPECIAL_TOKEN_LIST),
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000,
+        "rope_scaling": {"type": "dynamic", "factor": 2.0},
+        "rms_norm_eps": 1e-5,
+        "bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    },
+}
+
+
+#: NaViL-9B: ViT 32×1792 (Table 6) + Qwen3-8B with modality experts.
+NAVIL_9B: dict[str, Any] = {
+    **{k: v for k, v in NAVIL_2B.items() if k not in ("vision_config", "llm_config")},
+    "template": "qwen3-chat",
+    "vision_config": {
+        **NAVIL_2B["vision_config"],
+        "hidden_size": 1792,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 28,
+        "intermediate_size": 7168,
+    },
+    "llm_config": {
+        "architectures": ["Qwen3VEForCausalLM"],
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "max_position_embeddings": 40960,
+        "rope_theta": 1000000,
+        "rms_norm_eps": 1e-6,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    },
+}
+
+
+FULL_SIZE_CONFIGS: dict[str, dict[str, Any]] = {"NaViL-2B": NAVIL_2B, "NaViL-9B": NAVIL_9B}
+
+
+def navil_config_dict(name: str) -> dict[str, Any]:
+    """A deep copy of the ``config.json``-style dict of ``"NaViL-2B"`` or ``"NaViL-9B"``."""
+    from navil_utils.errors import ConfigError
+
+    if name not in FULL_SIZE_CONFIGS:
+        raise ConfigError(f"unknown NaViL size {name!r}; known: {sorted(FULL_SIZE_CONFIGS)}")
+    return copy.deepcopy(FULL_SIZE_CONFIGS[name])
+
+
+def _chat_config(name: str, overrides: Mapping[str, Any] | None):
+    from navil_utils.models.configuration_navil import NaViLChatConfig
+
+    config = navil_config_dict(name)
+    for key, value in (overrides or {}).items():
+        if key in ("vision_config", "llm_config") and isinstance(value, Mapping):
+            config[key].update(value)
+        else:
+            config[key] = value
+    return NaViLChatConfig(**config)
+
+
+def navil_2b_config(**overrides: Any):
+    """:class:`~navil_utils.models.configuration_navil.NaViLChatConfig` of NaViL-2B (see module doc).
+
+    Keyword overrides replace top-level fields; ``vision_config={…}`` / ``llm_config={…}`` update
+    the sub-dicts (e.g. ``llm_config={"num_hidden_layers": 2}`` for a shallow test model).
+    """
+    return _chat_config("NaViL-2B", overrides)
+
+
+def navil_9b_config(**overrides: Any):
+    """:class:`~navil_utils.models.configuration_navil.NaViLChatConfig` of NaViL-9B (see module doc)."""
+    return _chat_config("NaViL-9B", overrides)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building on the meta device
+# ---------------------------------------------------------------------------------------------------
+def build_empty_model(config, dtype=None):
+    """Instantiate the native NaViL model on the ``meta`` device (no memory, ~1 s for 16B parameters).
+
+    ``dtype`` (e.g. ``torch.bfloat16``) sets the parameters' dtype, which the device-map planner uses.
+    """
+    import torch
+    from accelerate import init_empty_weights
+
+    from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
+
+    previous = torch.get_default_dtype()
+    try:
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        with init_empty_weights(include_buffers=False):
+            model = NaViLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()

@@ -1,0 +1,228 @@
+"""The NaViL processor: (images, conversation) -> model inputs.  The one place a prompt is rendered.
+
+In transformers' terms this is the *processor* of NaViL: it owns the tokenizer, the conversation
+template of the checkpoint (``config.template``), its system message and its pixel budget
+(``min/max_dynamic_patch · patch_size²``, ``scale_downsample_ratio``, merge size), and turns images plus
+questions (and optional history) into ``input_ids``, ``attention_mask``, ``pixel_values`` and
+``image_grid_thw``.  Everything that needs a NaViL prompt gets it from here:
+
+* :mod:`navil_utils.chatting` (chat, streaming, batch chat) calls the processor;
+* the tiny model's training collator takes the text before and after the image span from
+  :meth:`NaViLProcessor.text_around_image`;
+* the tiny tokenizer's ``chat_template.jinja`` is :meth:`NaViLProcessor.jinja_chat_template`, generated
+  from the same :class:`~navil_utils.processing.templates.ChatTemplate`.
+
+    processor = NaViLProcessor.from_config(model.config, tokenizer)
+    inputs = processor(["photo.jpg"], ["What is in the image?"])        # ChatInputs, left-padded batch
+    prompt = processor.render("What is in the image?", inputs.image_grid_thw)
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from navil_utils.constants import IMAGE_PLACEHOLDER, merge_size_from_ratio
+from navil_utils.errors import PromptError
+from navil_utils.processing.templates import ChatTemplate, History, add_image_placeholders, build_prompt, template_from_config
+from navil_utils.processing.tokenizers import token_id
+
+
+@dataclass
+class ChatInputs:
+    """Everything one chat turn feeds to ``model.generate``.
+
+    ``input_ids``/``attention_mask`` ``[B, L]`` (left-padded when B > 1); ``pixel_values``
+    ``[N, 3, p, p]`` and ``image_grid_thw`` ``[S, 3]`` of all images of the batch in order (``None``
+    for text only); ``prompts`` and ``questions`` (as stored in the history, with placeholders) per
+    sample; ``num_scales`` per image.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    prompts: list[str]
+    questions: list[str]
+    num_scales: list[int] = field(default_factory=list)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ChatInputs:
+        """Move ids and pixels to ``device``; pixels also to the model's floating ``dtype``."""
+        pixels = None
+        if self.pixel_values is not None:
+            pixels = self.pixel_values.to(device=device, dtype=dtype or self.pixel_values.dtype)
+        grids = None if self.image_grid_thw is None else self.image_grid_thw.to(device)
+        return ChatInputs(self.input_ids.to(device), self.attention_mask.to(device), pixels, grids,
+                          self.prompts, self.questions, self.num_scales)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.pixel_values is not None:
+            kwargs.update(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw)
+        return kwargs
+
+
+
+def pixel_budget(config: Any) -> dict[str, Any]:
+    """``preprocess_multiscale`` settings from a NaViL config (pixels = dynamic patches × p²)."""
+    config = getattr(config, "config", config)
+    patch = int(config.vision_config.patch_size)
+    return {
+        "min_pixels": int(config.min_dynamic_patch) * patch * patch,
+        "max_pixels": int(config.max_dynamic_patch) * patch * patch,
+        "scale_downsample_ratio": float(config.scale_downsample_ratio),
+        "patch_size": patch,
+        "merge_size": merge_size_from_ratio(config.downsample_ratio),
+    }
+
+
+def _pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, longest - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, longest - len(seq):] = 1
+    return ids, mask
+
+
+
+class NaViLProcessor:
+    """Tokenizer + conversation template + pixel budget of one NaViL checkpoint.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer (``encode``, ``decode``, ``convert_tokens_to_ids``).
+        template: conversation template (``"internlm2-chat"``, ``"qwen3-chat"`` or a ``ChatTemplate``).
+        system_message: the default system message (``None``: the template's).
+        budget: :func:`preprocess_multiscale` settings — ``min_pixels``, ``max_pixels``,
+            ``scale_downsample_ratio``, ``patch_size``, ``merge_size``.
+    """
+
+    def __init__(self, tokenizer: Any, template: str | ChatTemplate, budget: dict[str, Any],
+                 system_message: str | None = None) -> None:
+        from navil_utils.processing.templates import get_template
+
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.system_message = self.template.system_message if system_message is None else system_message
+        self.budget = dict(budget)
+        self.merge_size = int(self.budget.get("merge_size", 2))
+
+    @classmethod
+    def from_config(cls, config: Any, tokenizer: Any) -> NaViLProcessor:
+        """The processor of a NaViL config (or a model: its ``.config``)."""
+        config = getattr(config, "config", config)
+        template, system = template_from_config(config)
+        return cls(tokenizer, template, pixel_budget(config), system)
+
+    @classmethod
+    def from_pretrained(cls, path: Any) -> NaViLProcessor:
+        """The processor of a checkpoint directory: its ``config.json`` and tokenizer files."""
+        from navil_utils.models.checkpoint import load_config
+        from navil_utils.processing.tokenizers import load_tokenizer
+
+        return cls.from_config(load_config(path), load_tokenizer(path))
+
+    # ---- token ids ---------------------------------------------------------------------------------
+    @property
+    def eos_token_id(self) -> int:
+        """Id of the template separator (``<|im_end|>``): generation stops there, as in the reference."""
+        return token_id(self.tokenizer, self.template.sep)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return self.eos_token_id if pad is None else int(pad)
+
+    # ---- prompts -----------------------------------------------------------------------------------
+    def render(self, question: str, image_grid_thw=None, num_scales: Sequence[int] | None = None, *,
+               history: History | None = None, system_message: str | None = None) -> str:
+        """The prompt string: template + history + question, each ``<image>`` expanded to its span.
+
+        ``image_grid_thw`` ``[Σ scales, 3]`` and ``num_scales`` (scales per image) describe the images;
+        ``None`` for a text-only prompt.
+        """
+        return build_prompt(question, image_grid_thw, num_scales, template=self.template, history=history,
+                            system_message=self.system_message if system_message is None else system_message,
+                            merge_size=self.merge_size)
+
+    def text_around_image(self, question: str, system_message: str | None = None) -> tuple[str, str]:
+        """``(before, after)``: the single-image prompt text before and after the image span.
+
+        ``before + image_span_text(grids) + after == render(question, grids)`` for any one-image grids
+        (the training collator tokenises the two pieces once and splices the span ids in between).
+        """
+        text = self.render(IMAGE_PLACEHOLDER + "\n" + question, system_message=system_message)
+        before, after = text.split(IMAGE_PLACEHOLDER)
+        return before, after
+
+    def jinja_chat_template(self, system_message: str | None = None) -> str:
+        """The template as a Jinja chat template for tokenizer files (``apply_chat_template``)."""
+        return self.template.to_jinja(self.system_message if system_message is None else system_message)
+
+    # ---- images ------------------------------------------------------------------------------------
+    def preprocess(self, image: Any):
+        """``None`` → no image; a ``MultiScaleInputs`` is used as is; anything else is preprocessed."""
+        from navil_utils.processing.multiscale import MultiScaleInputs, preprocess_multiscale
+
+        if image is None or (isinstance(image, (list, tuple)) and len(image) == 0):
+            return None
+        if isinstance(image, MultiScaleInputs):
+            return image
+        return preprocess_multiscale(image, **self.budget)
+
+    # ---- model inputs ------------------------------------------------------------------------------
+    def __call__(self, images: Sequence[Any], questions: Sequence[str],
+                 histories: Sequence[History | None] | None = None,
+                 system_message: str | None = None) -> ChatInputs:
+        """Preprocess images and build/tokenise the prompts of a batch of chat turns (left padding).
+
+        ``images[i]`` is ``None``, one image, a list of images, or a ready ``MultiScaleInputs``.
+        """
+        if len(images) != len(questions):
+            raise PromptError(f"{len(images)} image entries for {len(questions)} questions")
+        histories = list(histories) if histories is not None else [None] * len(questions)
+        if len(histories) != len(questions):
+            raise PromptError(f"{len(histories)} histories for {len(questions)} questions")
+        prompts, stored, sequences, pixels, grids, num_scales = [], [], [], [], [], []
+        for image, question, history in zip(images, questions, histories):
+            if not isinstance(question, str):
+                raise PromptError(f"question must be a string, got {type(question).__name__}")
+            inputs = self.preprocess(image)
+            n_images = 0 if inputs is None else inputs.num_images
+            question = add_image_placeholders(question, n_images, history)
+            prompt = self.render(question, None if inputs is None else inputs.image_grid_thw,
+                                 None if inputs is None else inputs.num_scales, history=history,
+                                 system_message=system_message)
+            prompts.append(prompt)
+            stored.append(question)
+            sequences.append([int(i) for i in self.tokenizer.encode(prompt)])
+            if inputs is not None:
+                pixels.append(inputs.pixel_values)
+                grids.append(inputs.image_grid_thw)
+                num_scales.extend(int(n) for n in inputs.num_scales)
+        input_ids, attention_mask = _pad_left(sequences, self.pad_token_id)
+        return ChatInputs(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=torch.cat(pixels) if pixels else None,
+            image_grid_thw=torch.cat(grids).long() if grids else None,
+            prompts=prompts,
+            questions=stored,
+            num_scales=num_scales,
+        )
+
+
+def prepare_chat_inputs(
+    model_or_config: Any,
+    tokenizer: Any,
+    images: Sequence[Any],
+    questions: Sequence[str],
+    histories: Sequence[History | None] | None = None,
+    system_message: str | None = None,
+) -> ChatInputs:
+    """``NaViLProcessor.from_config(model_or_config, tokenizer)(images, questions, histories, system_message)``."""
+    return NaViLProcessor.from_config(model_or_config, tokenizer)(images, questions, histories, system_message)

@@ -1,0 +1,207 @@
+"""Conversation templates and prompt assembly of NaViL's chat format.
+
+NaViL reuses InternVL's "MPT-style" templates: a prompt is::
+
+    system_template.format(system_message) + sep + Σ_turns (role + message + sep) + assistant_role
+
+with ``sep = "<|im_end|>"`` and no newline after ``sep``.  Two templates matter:
+
+* ``internlm2-chat`` (NaViL-2B): roles ``<|im_start|>user\\n`` / ``<|im_start|>assistant\\n``;
+* ``qwen3-chat`` (NaViL-9B): the same, but the assistant role opens an empty think block
+  ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`` (Qwen3's non-thinking mode).
+
+Images enter the conversation as ``<image>`` placeholders (one per image, prepended to the first
+question as ``"<image>\\n" * n``); after the template is rendered, the k-th placeholder is replaced by
+the multi-scale span of image k (:func:`navil_utils.processing.image_tokens.image_span_text`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from navil_utils.constants import IMAGE_PLACEHOLDER
+from navil_utils.errors import ConfigError, PromptError
+from navil_utils.processing.image_tokens import image_span_text, split_grids_per_image
+
+#: Default system message of NaViL's templates (inherited from InternVL), used unless the model
+#: config carries ``system_message``.
+DEFAULT_SYSTEM_MESSAGE = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+    "是一个有用无害的人工智能助手。"
+)
+
+#: Partial separators that can survive decoding when generation stops inside ``<|im_end|>``.
+_STRAY_SEP_FRAGMENTS = ("<|im_end|", "<|im_end", "<|im")
+
+History = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One MPT-style conversation template.
+
+    ``render`` turns ``[(question, answer), …, (question, None)]`` into the prompt string.
+    """
+
+    name: str
+    system_template: str
+    user_role: str
+    assistant_role: str
+    sep: str = "<|im_end|>"
+    system_message: str = DEFAULT_SYSTEM_MESSAGE
+
+    def render(self, turns: Sequence[tuple[str, str | None]], system_message: str | None = None) -> str:
+        """Render the conversation; the last turn's answer is normally ``None`` (generation prompt).
+
+        Like the reference, an empty or ``None`` message contributes only its role (no ``sep``).
+        """
+        system = self.system_message if system_message is None else system_message
+        parts = [self.system_template.format(system_message=system), self.sep]
+        for question, answer in turns:
+            for role, message in ((self.user_role, question), (self.assistant_role, answer)):
+                parts.append(role + message + self.sep if message else role)
+        return "".join(parts)
+
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    "internlm2-chat": ChatTemplate(
+        name="internlm2-chat",
+        system_template="<|im_start|>system\n{system_message}",
+        user_role="<|im_start|>user\n",
+        assistant_role="<|im_start|>assistant\n",
+    ),
+    "qwen3-chat": ChatTemplate(
+        name="qwen3-chat",
+        system_template="<|im_start|>system\n{system_message}",
+        user_role="<|im_start|>user\n",
+        assistant_role="<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    ),
+}
+
+
+def get_template(name: str | ChatTemplate) -> ChatTemplate:
+    """Look up a template by name (``"internlm2-chat"`` or ``"qwen3-chat"``)."""
+    if isinstance(name, ChatTemplate):
+        return name
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ConfigError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES)}") from None
+
+
+def template_from_config(config: Any) -> tuple[ChatTemplate, str]:
+    """The template and system message a NaViL config asks for.
+
+    Reads ``config.template`` (required, as in the reference) and the optional
+    ``config.system_message`` override.  ``config`` may be a config object or a plain dict.
+    """
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    name = get("template")
+    if not name:
+        raise ConfigError("the model config has no 'template' (expected 'internlm2-chat' or 'qwen3-chat')")
+    template = get_template(name)
+    system_message = get("system_message")
+    return template, template.system_message if system_message is None else system_message
+
+
+def add_image_placeholders(question: str, num_images: int, history: Sequence[tuple[str, str]] | None = None) -> str:
+    """Prepend ``"<image>\\n" × num_images`` to the first question of a conversation.
+
+    Nothing is added when there is history (the images sit in the first turn), when there are no
+    images, or when the question already places its own ``<image>`` placeholders.
+    """
+    if num_images < 0:
+        raise PromptError(f"num_images must be >= 0, got {num_images}")
+    if history or num_images == 0 or IMAGE_PLACEHOLDER in question:
+        return question
+    return (IMAGE_PLACEHOLDER + "\n") * num_images + question
+
+
+def image_grids_per_image(image_grid_thw=None, num_scales: Sequence[int] | None = None) -> list[list[tuple[int, int, int]]]:
+    """Split ``image_grid_thw`` ``[Σ scales, 3]`` into one list of ``(t, h, w)`` rows per image.
+
+    ``num_scales=None`` means a single image owning every row.
+    """
+    if image_grid_thw is None:
+        if num_scales:
+            raise PromptError(f"num_scales={list(num_scales)} given without image_grid_thw")
+        return []
+    rows = image_grid_thw.tolist() if hasattr(image_grid_thw, "tolist") else list(image_grid_thw)
+    if len(rows) == 0:
+        return []
+    if num_scales is None:
+        num_scales = [len(rows)]
+    num_scales = num_scales.tolist() if hasattr(num_scales, "tolist") else list(num_scales)
+    try:
+        return split_grids_per_image(rows, num_scales)
+    except ValueError as err:
+        raise PromptError(str(err)) from None
+
+
+def expand_image_placeholders(text: str, image_grids: Sequence[Sequence[Sequence[int]]], merge_size: int = 2) -> str:
+    """Replace the k-th ``<image>`` of ``text`` by the multi-scale span of image k.
+
+    ``image_grids[k]`` holds the ``(t, h, w)`` rows of image k (smallest scale first).  The number of
+    placeholders must equal the number of images.
+    """
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != len(image_grids):
+        raise PromptError(
+            f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but {len(image_grids)} "
+            "image(s) were given (a follow-up turn must pass the conversation's image(s) again)"
+        )
+    out = [pieces[0]]
+    for grids, rest in zip(image_grids, pieces[1:]):
+        out.append(image_span_text(grids, merge_size))
+        out.append(rest)
+    return "".join(out)
+
+
+def build_prompt(
+    question: str,
+    image_grid_thw=None,
+    num_scales: Sequence[int] | None = None,
+    *,
+    template: str | ChatTemplate = "internlm2-chat",
+    history: Sequence[tuple[str, str]] | None = None,
+    system_message: str | None = None,
+    merge_size: int = 2,
+) -> str:
+    """The full prompt string NaViL's ``chat`` feeds to the tokenizer.
+
+    Args:
+        question: the new user message; ``<image>`` placeholders are added for a first turn with
+            images unless the question already contains them.
+        image_grid_thw: ``[Σ scales, 3]`` grids of every image (smallest scale first per image),
+            or ``None`` for a text-only prompt.
+        num_scales: scales per image (``sum == len(image_grid_thw)``); ``None`` → one image.
+        template: template name or object.
+        history: earlier ``(question, answer)`` turns (questions as stored by ``chat``, i.e. with
+            their placeholders).
+        system_message: overrides the template's default system message.
+        merge_size: ViT merge size m (one visual token per m×m patches).
+    """
+    chat_template = get_template(template)
+    grids = image_grids_per_image(image_grid_thw, num_scales)
+    question = add_image_placeholders(question, len(grids), history)
+    turns: list[tuple[str, str | None]] = [(q, a) for q, a in (history or [])]
+    turns.append((question, None))
+    text = chat_template.render(turns, system_message)
+    return expand_image_placeholders(text, grids, merge_size)
+
+
+def clean_response(text: str, sep: str = "<|im_end|>") -> str:
+    """Post-process decoded generation like the reference ``chat``.
+
+    Keeps the text before the first ``sep``, strips surrounding whitespace and removes a stray
+    partial separator (``<|im_end|``, ``<|im_end``, ``<|im``) left at the end.  (Assumption: the
+    reference removes these fragments; we remove them only at the end of the answer, where they
+    arise when generation stops inside the separator.)
+    """
+    text = text.split(sep)[0].strip()
+    for fragment in _STRAY_SEP_FRAGMENTS:
+        if text.endswith(fragment):
+            text = text[: -len(fragment)].rstrip()
+            break
+    return text

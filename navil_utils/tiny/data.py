@@ -1,0 +1,340 @@
+"""Training batches for the tiny NaViL from synthetic samples.
+
+:class:`TinyCollator` turns :class:`~navil_utils.tiny.synthetic.Sample` objects into model inputs::
+
+    collator = TinyCollator(tokenizer, max_pixels=128 * 128)
+    batch = collator([data.sample(i) for i in range(32)])
+    out = model(**batch.model_inputs())          # out.loss: CE on answer tokens + <|im_end|>
+    correct = qa_exact_match(out.logits, batch)  # greedy exact match per QA (teacher forcing)
+
+Sequence of one sample (NaViL's ``qwen3-chat`` format, :mod:`navil_utils.processing.templates`)::
+
+    <|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n<img>…</img>\\n{question}<|im_end|>
+    <|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n  ← prompt (labels -100)
+    {answer}<|im_end|>                                  ← labels = input ids
+
+The prompt tokens equal ``tokenizer(build_prompt(...))`` exactly, and the answer is tokenised on its
+own — as it is generated after the prompt — so training and inference see the same ids.
+
+``qa_packing="isolated"`` puts all QA pairs of a sample (``Sample.qas``) after one shared image
+prefix; each QA block attends to the prefix and to itself only (4-D additive mask) and its positions
+restart after the prefix, so every block is computed exactly as a separate single-QA sequence while
+the ViT and the prefix run once (the "isolated multi-QA" lever of the tiny-model study).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from navil_utils.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_FRAME_BREAK_TOKEN, IMG_LINE_BREAK_TOKEN, IMG_START_TOKEN, NAVIL_MERGE_SIZE, NAVIL_PATCH_SIZE, NAVIL_SCALE_DOWNSAMPLE_RATIO
+from navil_utils.errors import ConfigError
+from navil_utils.processing.image_tokens import image_span_ids
+from navil_utils.processing.multiscale import preprocess_multiscale
+from navil_utils.processing.templates import get_template
+from navil_utils.processing.tokenizers import navil_token_ids
+from navil_utils.tiny.synthetic import QA, Sample
+from navil_utils.tiny.tokenizer import TINY_SYSTEM_MESSAGE
+
+IGNORE_INDEX = -100
+_PREFIX_BLOCK = -1  # block id of the shared prefix (system, user role, image span)
+_PAD_BLOCK = -2
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """One sample as token ids and patches (cacheable: pre-encode once, collate many times).
+
+    ``labels`` are -100 except on answer tokens (+ ``<|im_end|>``); ``qa_index`` is the QA number of an
+    answer token and -1 elsewhere; ``block_ids`` / ``position_ids`` are set for isolated packing only.
+    """
+
+    index: int
+    input_ids: list[int]
+    labels: list[int]
+    qa_index: list[int]
+    pixel_values: torch.Tensor      # (N_i, 3, p, p) float32 in [-1, 1]
+    image_grid_thw: torch.Tensor    # (S_i, 3) int64, smallest scale first
+    qas: tuple[QA, ...]
+    block_ids: list[int] | None = None
+    position_ids: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TinyBatch:
+    """A padded batch (B sequences, T tokens, N patches, S scale grids, Q question-answer pairs).
+
+    ``attention_mask`` ``(B, T)`` is 1 on tokens, 0 on padding; with isolated packing
+    ``attention_mask_4d`` ``(B, 1, T, T)`` (0 = attend, dtype-min = blocked) and ``position_ids``
+    ``(B, T)`` replace it as model inputs.  ``qas[q]`` is the q-th QA of the batch (sample order, then
+    QA order) and ``answer_qa`` ``(B, T)`` holds q on its answer tokens, -1 elsewhere.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    num_scales: list[int]
+    answer_qa: torch.Tensor
+    qas: list[QA]
+    sample_indices: list[int]
+    position_ids: torch.Tensor | None = None
+    attention_mask_4d: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def model_inputs(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Keyword arguments of ``NaViL.forward`` (``pixel_values`` and a 4-D mask cast to ``dtype``)."""
+        pixel_values = self.pixel_values if dtype is None else self.pixel_values.to(dtype)
+        inputs = {"input_ids": self.input_ids, "pixel_values": pixel_values, "image_grid_thw": self.image_grid_thw,
+                  "labels": self.labels}
+        if self.attention_mask_4d is not None:
+            mask = self.attention_mask_4d
+            if dtype is not None and dtype != mask.dtype:  # re-derive so that "blocked" stays the dtype minimum
+                mask = torch.where(mask == 0, 0.0, torch.finfo(dtype).min).to(dtype)
+            inputs["attention_mask"] = mask
+            inputs["position_ids"] = self.position_ids
+        else:
+            inputs["attention_mask"] = self.attention_mask
+        return inputs
+
+    def to(self, device: torch.device | str) -> TinyBatch:
+        moved = {name: getattr(self, name).to(device) for name in (
+            "input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "answer_qa")}
+        for name in ("position_ids", "attention_mask_4d"):
+            value = getattr(self, name)
+            moved[name] = None if value is None else value.to(device)
+        return replace(self, **moved)
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+class TinyCollator:
+    """Encode and batch synthetic samples for a NaViL model with the tiny tokenizer.
+
+    Args:
+        tokenizer: a tokenizer with NaViL's special tokens (``load_tiny_tokenizer``).
+        system_message: system prompt (default: the tiny model's short English one).
+        template: conversation template name (``"qwen3-chat"``).
+        min_pixels, max_pixels, scale_downsample_ratio, patch_size, merge_size: multi-scale
+            preprocessing (:func:`~navil_utils.processing.multiscale.preprocess_multiscale`).
+        padding_side: ``"right"`` (training) or ``"left"`` (generation).
+        qa_packing: ``"single"`` — the primary QA only; ``"isolated"`` — all ``Sample.qas`` packed
+            after one image prefix with a block mask.
+        pad_to_multiple_of: round the padded length up (fewer distinct shapes).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        system_message: str = TINY_SYSTEM_MESSAGE,
+        template: str = "qwen3-chat",
+        min_pixels: int = 32 * 32,
+        max_pixels: int = 128 * 128,
+        scale_downsample_ratio: float = NAVIL_SCALE_DOWNSAMPLE_RATIO,
+        patch_size: int = NAVIL_PATCH_SIZE,
+        merge_size: int = NAVIL_MERGE_SIZE,
+        padding_side: str = "right",
+        qa_packing: str = "single",
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        if padding_side not in ("left", "right"):
+            raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if qa_packing not in ("single", "isolated"):
+            raise ConfigError(f"qa_packing must be 'single' or 'isolated', got {qa_packing!r}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ConfigError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.tokenizer = tokenizer
+        self.system_message = system_message
+        self.template = get_template(template)
+        self.preprocess_kwargs = dict(min_pixels=min_pixels, max_pixels=max_pixels,
+                                      scale_downsample_ratio=scale_downsample_ratio, patch_size=patch_size,
+                                      merge_size=merge_size)
+        self.merge_size = merge_size
+        self.padding_side = padding_side
+        self.qa_packing = qa_packing
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.token_ids = navil_token_ids(tokenizer)
+        for token in (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, IMG_LINE_BREAK_TOKEN, IMG_FRAME_BREAK_TOKEN):
+            if token not in self.token_ids:
+                raise ConfigError(f"the tokenizer lacks {token}")
+        self.sep_id = self._single_id(self.template.sep)
+        if tokenizer.pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token")
+        self.pad_id = int(tokenizer.pad_token_id)
+        # prompt = prefix + image span + "\n{question}" + sep + assistant role; one tokenizer call each
+        # (special tokens delimit the pieces, so this equals tokenising the whole prompt)
+        prefix_text = self.template.system_template.format(system_message=system_message) + self.template.sep \
+            + self.template.user_role
+        self.prefix_ids = self._encode(prefix_text)
+        self._cache: dict[str, list[int]] = {}
+
+    # ---- tokens ----------------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def _single_id(self, token: str) -> int:
+        ids = self._encode(token)
+        if len(ids) != 1:
+            raise ConfigError(f"{token!r} is not a single token of this tokenizer")
+        return ids[0]
+
+    def _cached(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self._cache[text] = self._encode(text)
+        return ids
+
+    def question_ids(self, question: str) -> list[int]:
+        """Ids of ``"\\n{question}<|im_end|>" + assistant role`` (what follows ``</img>``)."""
+        return self._cached("\n" + question + self.template.sep + self.template.assistant_role)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Ids of the answer followed by ``<|im_end|>`` (the supervised tokens)."""
+        return self._cached(answer) + [self.sep_id]
+
+    # ---- samples -----------------------------------------------------------------------------------
+
+    def encode(self, sample: Sample, *, with_answers: bool = True) -> EncodedSample:
+        """Token ids, labels and patches of one sample (answers omitted for generation prompts).
+
+        Without answers and with ``qa_packing="isolated"`` only the primary question is encoded.
+        """
+        pre = preprocess_multiscale(sample.image, **self.preprocess_kwargs)
+        prefix = self.prefix_ids + image_span_ids(pre.image_grid_thw, self.token_ids, self.merge_size)
+        qas = sample.qas if (self.qa_packing == "isolated" and with_answers) else (sample.qa,)
+        input_ids, labels, qa_index = list(prefix), [IGNORE_INDEX] * len(prefix), [-1] * len(prefix)
+        block_ids = [_PREFIX_BLOCK] * len(prefix)
+        position_ids = list(range(len(prefix)))
+        for k, qa in enumerate(qas):
+            q_ids = self.question_ids(qa.question)
+            a_ids = self.answer_ids(qa.answer) if with_answers else []
+            input_ids += q_ids + a_ids
+            labels += [IGNORE_INDEX] * len(q_ids) + a_ids
+            qa_index += [-1] * len(q_ids) + [k] * len(a_ids)
+            block_ids += [k] * (len(q_ids) + len(a_ids))
+            position_ids += list(range(len(prefix), len(prefix) + len(q_ids) + len(a_ids)))
+        packed = self.qa_packing == "isolated" and with_answers
+        return EncodedSample(
+            index=sample.index, input_ids=input_ids, labels=labels, qa_index=qa_index,
+            pixel_values=pre.pixel_values, image_grid_thw=pre.image_grid_thw, qas=tuple(qas),
+            block_ids=block_ids if packed else None, position_ids=position_ids if packed else None,
+        )
+
+    def __call__(self, samples: Sequence[Sample], *, with_answers: bool = True) -> TinyBatch:
+        return self.collate([self.encode(s, with_answers=with_answers) for s in samples])
+
+    # ---- batches ---------------------------------------------------------------------------------
+
+    def collate(self, encoded: Sequence[EncodedSample]) -> TinyBatch:
+        """Pad and stack encoded samples; patches and grids are concatenated in sample order."""
+        if not encoded:
+            raise ConfigError("cannot collate an empty list of samples")
+        packed = encoded[0].block_ids is not None
+        if any((e.block_ids is not None) != packed for e in encoded):
+            raise ConfigError("cannot mix isolated-packed and single-QA encodings in one batch")
+        length = max(len(e) for e in encoded)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(encoded)
+        input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((batch, length), dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        answer_qa = torch.full((batch, length), -1, dtype=torch.long)
+        positions = torch.zeros((batch, length), dtype=torch.long) if packed else None
+        blocks = torch.full((batch, length), _PAD_BLOCK, dtype=torch.long) if packed else None
+        qas: list[QA] = []
+        for row, e in enumerate(encoded):
+            n = len(e)
+            span = slice(length - n, length) if self.padding_side == "left" else slice(0, n)
+            input_ids[row, span] = torch.tensor(e.input_ids)
+            attention[row, span] = 1
+            labels[row, span] = torch.tensor(e.labels)
+            qa = torch.tensor(e.qa_index)
+            answer_qa[row, span] = torch.where(qa >= 0, qa + len(qas), qa)
+            qas.extend(e.qas)
+            if packed:
+                positions[row, span] = torch.tensor(e.position_ids)
+                blocks[row, span] = torch.tensor(e.block_ids)
+        result = TinyBatch(
+            input_ids=input_ids, attention_mask=attention, labels=labels,
+            pixel_values=torch.cat([e.pixel_values for e in encoded]),
+            image_grid_thw=torch.cat([e.image_grid_thw for e in encoded]),
+            num_scales=[int(e.image_grid_thw.shape[0]) for e in encoded],
+            answer_qa=answer_qa, qas=qas, sample_indices=[e.index for e in encoded],
+        )
+        if packed:
+            result.position_ids = positions
+            result.attention_mask_4d = isolated_block_mask(blocks)
+        return result
+
+
+def isolated_block_mask(block_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive attention mask ``(B, 1, T, T)`` for isolated QA packing.
+
+    ``block_ids`` ``(B, T)``: -1 = shared prefix, k ≥ 0 = QA block k, -2 = padding.  Query i may attend
+    key j ≤ i when j is in the prefix or in i's own block; padding queries attend only themselves
+    (keeps softmax finite).  0 = attend, ``finfo(dtype).min`` = blocked (works for eager and SDPA).
+    """
+    length = block_ids.shape[1]
+    q, k = block_ids[:, :, None], block_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & (k != _PAD_BLOCK) & ((k == _PREFIX_BLOCK) | (k == q))
+    eye = torch.eye(length, dtype=torch.bool)
+    allowed = torch.where((q == _PAD_BLOCK) & eye, True, allowed & (q != _PAD_BLOCK))
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def qa_exact_match(logits: torch.Tensor, batch: TinyBatch) -> torch.Tensor:
+    """``(Q,)`` bool: whether greedy decoding would reproduce each QA's answer exactly.
+
+    With teacher forcing, greedy decoding emits the answer and ``<|im_end|>`` iff the arg-max at every
+    answer position (predicted from the previous token, ``logits[:, i-1]``) is the label.
+    """
+    predicted = logits[:, :-1].argmax(-1)                 # (B, T-1): prediction of token i+1
+    target, qa = batch.labels[:, 1:].to(predicted.device), batch.answer_qa[:, 1:].to(predicted.device)
+    wrong = (predicted != target) & (qa >= 0)
+    errors = torch.zeros(len(batch.qas), dtype=torch.long, device=predicted.device)
+    errors.scatter_add_(0, qa[qa >= 0], wrong[qa >= 0].long())
+    return errors == 0
+
+
+class SyntheticBatches(torch.utils.data.IterableDataset):
+    """Stream of collated batches of consecutive sample indices, resumable and shardable.
+
+    Batch ``b`` holds samples ``start + b·batch_size … + batch_size - 1``; with
+    ``DataLoader(SyntheticBatches(...), batch_size=None, num_workers=k)`` worker ``w`` builds batches
+    ``w, w + k, …`` and the loader returns them in order ``0, 1, 2, …`` — the same stream as with no
+    workers.  Resume a run from sample index ``start`` (e.g. ``steps_done · batch_size``).
+    Set ``TOKENIZERS_PARALLELISM=false`` before forking workers to silence the tokenizers warning.
+    """
+
+    def __init__(self, data: Any, collator: TinyCollator, batch_size: int, *, start: int = 0,
+                 num_batches: int | None = None) -> None:
+        if batch_size < 1 or start < 0 or (num_batches is not None and num_batches < 0):
+            raise ConfigError(f"need batch_size >= 1, start >= 0, num_batches >= 0; got {batch_size}, {start}, "
+                              f"{num_batches}")
+        self.data, self.collator = data, collator
+        self.batch_size, self.start, self.num_batches = batch_size, start, num_batches
+
+    def batch(self, b: int) -> TinyBatch:
+        """Batch number ``b`` of the stream."""
+        first = self.start + b * self.batch_size
+        return self.collator([self.data.sample(i) for i in range(first, first + self.batch_size)])
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        b, step = (info.id, info.num_workers) if info is not None else (0, 1)
+        while self.num_batches is None or b < self.num_batches:
+            yield self.batch(b)
+            b += step

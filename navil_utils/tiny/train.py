@@ -1,0 +1,472 @@
+"""Train the embedded tiny NaViL natively on the synthetic VQA task (``make train-tiny``).
+
+    python -m navil_utils.train --out runs/navil-tiny                       # CPU, the default
+    python -m navil_utils.train --out runs/navil-tiny --device cuda         # bf16 autocast on a GPU
+    python -m navil_utils.train --out runs/navil-tiny --ship data/models/navil-tiny
+
+The whole NaViL is trained from scratch with the project's own classes: the ViT (2-D RoPE, packed
+multi-scale input exactly as at inference), the pixel-shuffle connector and the Qwen3-VE decoder with
+modality experts.  The loss is the cross-entropy on answer tokens (and the closing ``<|im_end|>``).
+
+Recipe (see :class:`TrainConfig`): AdamW, linear warm-up then cosine decay to ``min_lr_ratio``, gradient
+clipping, a curriculum over question types (:data:`DEFAULT_CURRICULUM`).  Every step's batch is a pure
+function of ``(data_seed, step)``, so the data position is just the step counter.
+
+Runs are resumable: ``<out>/checkpoint/`` (safetensors + JSON, written atomically every
+``checkpoint_every`` steps and when the time limit is hit) holds model, optimiser, scheduler, RNG and
+step; re-running the same command continues where a killed run stopped, bit for bit.  ``<out>/log.jsonl``
+gets one JSON line per logged step and per evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from navil_utils.errors import ConfigError
+from navil_utils.tiny.checkpointing import load_checkpoint, save_checkpoint
+
+#: Curriculum: ``(start_fraction, {question type: weight})``; a stage runs until the next one starts.
+#: Easy, fast-learning types first (colour, count), then geometry, then text reading, then all mixed.
+DEFAULT_CURRICULUM: tuple[tuple[float, dict[str, float]], ...] = (
+    (0.00, {"color": 1.0, "count": 1.0}),
+    (0.10, {"color": 1.0, "count": 1.0, "position": 1.0, "relation": 1.0}),
+    (0.25, {"color": 1.0, "count": 1.0, "position": 1.0, "relation": 1.0, "text": 2.0}),
+    (0.45, {"color": 1.0, "count": 1.5, "position": 1.5, "relation": 1.0, "text": 2.5}),
+)
+
+
+def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None = None, *,
+                      vit_width: int = 128, vit_layers: int = 4, vit_heads: int = 4,
+                      llm_width: int = 192, llm_layers: int = 4, llm_heads: int = 4, llm_kv_heads: int = 2,
+                      llm_intermediate: int = 512, patch_size: int = 16,
+                      min_pixels: int = 32 * 32, max_pixels: int = 128 * 128,
+                      system_message: str | None = None) -> dict[str, Any]:
+    """The tiny NaViL's ``config.json`` content, in the official NaViL format (Qwen3-VE backbone).
+
+    ``min_dynamic_patch``/``max_dynamic_patch`` encode the pixel budget in units of ``patch_size²``.
+    """
+    if max_pixels % (patch_size * patch_size) or min_pixels % (patch_size * patch_size):
+        raise ConfigError(f"pixel budget {min_pixels}..{max_pixels} must be a multiple of patch_size²")
+    config = {
+        "architectures": ["NaViL"],
+        "model_type": "navil_chat",
+        "template": "qwen3-chat",
+        "downsample_ratio": 0.5,
+        "force_image_size": 32,
+        "anyres_image_size": True,
+        "min_dynamic_patch": min_pixels // (patch_size * patch_size),
+        "max_dynamic_patch": max_pixels // (patch_size * patch_size),
+        "scale_downsample_ratio": 0.7071,
+        "select_layer": -1,
+        "ps_version": "v2",
+        "vision_config": {
+            "model_type": "navil_vit",
+            "patch_size": patch_size,
+            "hidden_size": vit_width,
+            "num_attention_heads": vit_heads,
+            "intermediate_size": 4 * vit_width,
+            "num_hidden_layers": vit_layers,
+            "qk_normalization": False,
+            "qkv_bias": True,
+            "norm_type": "rms_norm",
+            "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu",
+            "initializer_factor": 0.1,
+            "window_size": 8,
+            "fullatt_block_indexes": None,
+            "image_size": 32,
+            "downsample_ratio": 0.5,
+        },
+        "llm_config": {
+            "architectures": ["Qwen3VEForCausalLM"],
+            "vocab_size": vocab_size,
+            "hidden_size": llm_width,
+            "intermediate_size": llm_intermediate,
+            "num_hidden_layers": llm_layers,
+            "num_attention_heads": llm_heads,
+            "num_key_value_heads": llm_kv_heads,
+            "head_dim": llm_width // llm_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "attention_bias": False,
+            "sliding_window": None,
+            "use_sliding_window": False,
+            "tie_word_embeddings": False,
+            "bos_token_id": None,
+        },
+    }
+    if special_token_ids:
+        config["special_token_ids"] = dict(special_token_ids)
+    if system_message is not None:
+        config["system_message"] = system_message
+    return config
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (saved to ``<out>/train_config.json``)."""
+
+    out: str = "runs/navil-tiny"
+    seed: int = 0                      # model init and dropout-free training RNG
+    data_seed: int = 1                 # training data; evaluation seeds must differ
+    eval_seed: int = 7                 # held-out data for periodic evaluation (never the final eval seed)
+    total_steps: int = 20000
+    batch_size: int = 32
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 300
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    curriculum: tuple[tuple[float, dict[str, float]], ...] = DEFAULT_CURRICULUM
+    qa_packing: str = "single"         # "single" or "isolated" (several QAs per image, block mask)
+    extra_qas: int = 0                 # extra QAs per image with qa_packing="isolated"
+    log_every: int = 50
+    eval_every: int = 1000
+    eval_batches: int = 8
+    checkpoint_every: int = 500
+    time_limit_minutes: float | None = None   # checkpoint and stop after this much wall time
+    device: str = "cpu"
+    bf16: bool | None = None           # autocast; None = on for CUDA, off on CPU
+    threads: int | None = None
+    num_workers: int = 0
+    model: dict[str, Any] = field(default_factory=dict)     # overrides of tiny_model_config()
+    data: dict[str, Any] = field(default_factory=dict)      # overrides of SyntheticConfig
+    min_pixels: int = 32 * 32
+    max_pixels: int = 128 * 128
+    tokenizer: str | None = None       # directory; default: <out>/tokenizer (trained on first run)
+    init_from: str | None = None       # start from these weights (a checkpoint directory) instead of random
+    progress: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training options {unknown}")
+        values = dict(values)
+        if "curriculum" in values:
+            values["curriculum"] = tuple((float(s), dict(w)) for s, w in values["curriculum"])
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+def curriculum_stage(config: TrainConfig, step: int) -> int:
+    """Index of the curriculum stage that ``step`` belongs to."""
+    fraction = step / max(1, config.total_steps)
+    stage = 0
+    for i, (start, _) in enumerate(config.curriculum):
+        if fraction >= start:
+            stage = i
+    return stage
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """``dataset[step]`` is the (collated) training batch of that step — a pure function of the step.
+
+    Each curriculum stage has its own :class:`~navil_utils.tiny.synthetic.SyntheticVQA` (same seed,
+    stage-specific question-type weights); batch ``step`` holds samples ``step·B … step·B+B-1``.
+    """
+
+    def __init__(self, config: TrainConfig, tokenizer: Any, seed: int | None = None) -> None:
+        from navil_utils.tiny.data import TinyCollator
+        from navil_utils.tiny.synthetic import SyntheticVQA
+
+        self.config = config
+        seed = config.data_seed if seed is None else seed
+        self.stages = []
+        for _, weights in config.curriculum:
+            types = tuple(weights)
+            self.stages.append(SyntheticVQA(seed=seed, question_types=types,
+                                            qtype_weights=tuple(weights[t] for t in types),
+                                            extra_qas=config.extra_qas, **config.data))
+        self.collator = TinyCollator(tokenizer, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+                                     qa_packing=config.qa_packing, pad_to_multiple_of=8)
+
+    def __len__(self) -> int:
+        return self.config.total_steps
+
+    def __getitem__(self, step: int):
+        data = self.stages[curriculum_stage(self.config, step)]
+        b = self.config.batch_size
+        return self.collator([data.sample(step * b + j) for j in range(b)])
+
+
+def build_model(config: TrainConfig, tokenizer: Any):
+    """A freshly initialised tiny NaViL sized by ``config.model`` for ``tokenizer``."""
+    from navil_utils.models.configuration_navil import NaViLChatConfig
+    from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
+    from navil_utils.processing.tokenizers import navil_token_ids
+
+    ids = navil_token_ids(tokenizer)
+    model_kwargs = dict(config.model)
+    model_kwargs.setdefault("min_pixels", config.min_pixels)
+    model_kwargs.setdefault("max_pixels", config.max_pixels)
+    from navil_utils.tiny.tokenizer import TINY_SYSTEM_MESSAGE
+
+    model_kwargs.setdefault("system_message", TINY_SYSTEM_MESSAGE)
+    cfg = NaViLChatConfig(**tiny_model_config(len(tokenizer), ids, **model_kwargs))
+    torch.manual_seed(config.seed)
+    return NaViLForConditionalGeneration(cfg)
+
+
+def _tokenizer_for(config: TrainConfig):
+    from navil_utils.tiny.tokenizer import load_tiny_tokenizer, train_tiny_tokenizer
+
+    directory = Path(config.tokenizer or Path(config.out) / "tokenizer")
+    if not (directory / "tokenizer.json").exists():
+        train_tiny_tokenizer(directory)
+    return load_tiny_tokenizer(directory), directory
+
+
+def _autocast(device: torch.device, bf16: bool | None = None):
+    """bf16 autocast on CUDA (default) or when ``bf16`` is forced; a no-op context otherwise."""
+    enabled = device.type == "cuda" if bf16 is None else bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+@torch.no_grad()
+def evaluate_teacher_forced(model, batches, device: torch.device, bf16: bool | None = None) -> dict[str, Any]:
+    """Exact match per question type with teacher forcing (every answer token must be the argmax)."""
+    from navil_utils.tiny.data import qa_exact_match
+
+    model.eval()
+    correct, total = defaultdict(int), defaultdict(int)
+    loss_sum, n = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        with _autocast(device, bf16):
+            out = model(**batch.model_inputs())
+        loss_sum += float(out.loss)
+        n += 1
+        for qa, ok in zip(batch.qas, qa_exact_match(out.logits.float(), batch).tolist()):
+            total[qa.qtype] += 1
+            correct[qa.qtype] += int(ok)
+    model.train()
+    per_type = {t: correct[t] / total[t] for t in sorted(total)}
+    overall = sum(correct.values()) / max(1, sum(total.values()))
+    return {"eval_loss": loss_sum / max(1, n), "eval_overall": overall, "eval_per_type": per_type}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records after ``step`` (they are redone after resuming from that checkpoint)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(config: TrainConfig, *, _simulate_kill_after: int | None = None) -> Path:
+    """Run (or resume) training; return the output directory.
+
+    ``_simulate_kill_after`` (tests only) stops dead after that many steps of this session, without a
+    final checkpoint or export — like ``kill -9`` — so that resuming from the last periodic checkpoint
+    can be checked against an uninterrupted run.
+    """
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "train_config.json"
+    if config_path.exists():
+        saved = TrainConfig.from_dict(json.loads(config_path.read_text()))
+        comparable = lambda c: {k: v for k, v in json.loads(c.to_json()).items()  # noqa: E731
+                                if k not in {"device", "threads", "num_workers", "time_limit_minutes", "progress", "bf16"}}
+        if comparable(saved) != comparable(config):
+            raise ConfigError(f"{out} holds a run with a different configuration ({config_path}); "
+                              "use another --out or the same options to resume")
+    config_path.write_text(config.to_json())
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    tokenizer, tokenizer_dir = _tokenizer_for(config)
+    model = build_model(config, tokenizer)
+    if config.init_from and not (out / "checkpoint").exists():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(Path(config.init_from) / "model.safetensors"), strict=True)
+    model = model.to(device)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=config.lr, betas=config.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
+    checkpoint_dir = out / "checkpoint"
+    state = {"step": 0, "samples": 0, "elapsed_seconds": 0.0}
+    if checkpoint_dir.exists():
+        state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+        _truncate_log(out / "log.jsonl", state["step"])
+        print(f"resuming {out} at step {state['step']} ({state['elapsed_seconds'] / 60:.1f} min trained)", flush=True)
+
+    train_batches = StepBatches(config, tokenizer)
+    eval_data = StepBatches(config, tokenizer, seed=config.eval_seed)
+    eval_steps = [config.total_steps - 1 - i for i in range(config.eval_batches)]  # last stage = full mix
+    eval_set = [eval_data[s] for s in eval_steps] if config.eval_batches else []
+    loader = torch.utils.data.DataLoader(
+        train_batches, batch_size=None, num_workers=config.num_workers,
+        sampler=range(state["step"], config.total_steps), collate_fn=lambda b: b,
+        worker_init_fn=_worker_init, persistent_workers=False,
+        prefetch_factor=4 if config.num_workers else None)
+
+    log = (out / "log.jsonl").open("a")
+    progress = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=config.total_steps, initial=state["step"], dynamic_ncols=True, file=sys.stderr)
+    start_wall = time.perf_counter() - state["elapsed_seconds"]
+    session_start = time.perf_counter()
+    window_loss, window_correct, window_total = 0.0, 0, 0
+    stopped_early = False
+    first_step = state["step"]
+
+    def checkpoint() -> None:
+        state["elapsed_seconds"] = time.perf_counter() - start_wall
+        save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state)
+
+    from navil_utils.tiny.data import qa_exact_match
+
+    for batch in loader:
+        step = state["step"]
+        batch = batch.to(device)
+        with _autocast(device, config.bf16):
+            out_ = model(**batch.model_inputs())
+        loss = out_.loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        state["step"] = step + 1
+        state["samples"] += config.batch_size
+        window_loss += float(loss.detach())
+        hits = qa_exact_match(out_.logits.detach().float(), batch)
+        window_correct += int(hits.sum())
+        window_total += int(hits.numel())
+        if progress is not None:
+            progress.update(1)
+        if state["step"] % config.log_every == 0 or state["step"] == config.total_steps:
+            n = config.log_every if state["step"] % config.log_every == 0 else state["step"] % config.log_every
+            record = {"step": state["step"], "samples": state["samples"], "loss": window_loss / n,
+                      "train_acc": window_correct / max(1, window_total), "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "stage": curriculum_stage(config, step),
+                      "minutes": (time.perf_counter() - start_wall) / 60}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if progress is not None:
+                progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.2f}",
+                                     stage=record["stage"])
+            window_loss, window_correct, window_total = 0.0, 0, 0
+        if eval_set and (state["step"] % config.eval_every == 0 or state["step"] == config.total_steps):
+            record = {"step": state["step"], "samples": state["samples"], **evaluate_teacher_forced(model, eval_set, device, config.bf16)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if progress is not None:
+                progress.write(f"step {state['step']}: eval loss {record['eval_loss']:.3f}, exact match "
+                               f"{record['eval_overall']:.3f} " + json.dumps({k: round(v, 3) for k, v in record['eval_per_type'].items()}))
+        if state["step"] % config.checkpoint_every == 0:
+            checkpoint()
+        if _simulate_kill_after is not None and state["step"] - first_step >= _simulate_kill_after:
+            log.close()
+            return out
+        if config.time_limit_minutes is not None and time.perf_counter() - session_start > 60 * config.time_limit_minutes:
+            stopped_early = state["step"] < config.total_steps
+            break
+    checkpoint()
+    if progress is not None:
+        progress.close()
+    log.close()
+    export_model(model, tokenizer_dir, out / "final")
+    if stopped_early:
+        print(f"time limit reached at step {state['step']}/{config.total_steps}; re-run the same command to resume", flush=True)
+    return out
+
+
+def export_model(model, tokenizer_dir: str | Path, directory: str | Path) -> Path:
+    """Save a loadable checkpoint: config.json, model.safetensors, tokenizer, generation_config.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = model.special_token_ids or {}
+    generation = model.generation_config
+    generation.do_sample, generation.max_new_tokens = False, 8
+    if "<|im_end|>" in ids:
+        generation.eos_token_id = ids["<|im_end|>"]
+    generation.pad_token_id = 0
+    model.save_pretrained(directory, safe_serialization=True)
+    for item in Path(tokenizer_dir).iterdir():
+        if item.name in TOKENIZER_FILES:
+            shutil.copy2(item, directory / item.name)
+    return directory
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train the tiny NaViL on synthetic VQA (resumable).")
+    parser.add_argument("--out", default="runs/navil-tiny", help="run directory (checkpoint, log, final model)")
+    parser.add_argument("--config", default=None, help="JSON file of TrainConfig options")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override one option, e.g. --set total_steps=100 --set lr=3e-4")
+    parser.add_argument("--device", default=None, help="cpu (default) or cuda")
+    parser.add_argument("--time-limit", type=float, default=None, help="minutes before checkpoint-and-stop")
+    parser.add_argument("--ship", default=None, help="copy the final model to this directory when training ends")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(json.loads(Path(args.config).read_text()))
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    values["out"] = args.out
+    if args.device:
+        values["device"] = args.device
+    if args.time_limit is not None:
+        values["time_limit_minutes"] = args.time_limit
+    if args.no_progress:
+        values["progress"] = False
+    config = TrainConfig.from_dict(values)
+    out = train(config)
+    if args.ship:
+        ship = Path(args.ship)
+        ship.mkdir(parents=True, exist_ok=True)
+        for item in (out / "final").iterdir():
+            shutil.copy2(item, ship / item.name)
+        print(f"shipped {out / 'final'} -> {ship}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Notebook set-up: reproducible, quiet, and independent of where Jupyter was started."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import warnings
+from pathlib import Path
+
+from navil_utils.workbook.paths import repo_root
+
+#: Environment variable that points every notebook at another checkpoint (e.g. real NaViL-2B/9B).
+MODEL_PATH_ENV = "NAVIL_MODEL_PATH"
+
+
+def _silence_libraries() -> None:
+    """Keep stdout/stderr free of progress bars and library warnings (nbval compares stderr)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "accelerate", "huggingface_hub", "matplotlib", "PIL", "papermill"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_notebook(seed: int = 0, *, threads: int | None = 1) -> Path:
+    """Prepare a notebook kernel for deterministic, quiet execution and return the repo root.
+
+    - seeds ``random``, NumPy and torch with ``seed``;
+    - applies the workbook's matplotlib style (fixed figsize and dpi, PNG inline output);
+    - silences progress bars and library warnings so nothing volatile reaches stdout/stderr;
+    - sets torch's intra-op threads to ``threads`` (default 1: the workbook's tiny models run fastest
+      with one thread on a laptop, and float reductions are then reproducible run to run, which
+      ``pytest --nbval`` relies on); pass ``threads=None`` to keep torch's default (real checkpoints).
+
+    The returned path is the repository root, so notebooks find ``data/`` and ``figures/`` no matter
+    which directory Jupyter was started in.
+    """
+    _silence_libraries()
+    seed_everything(seed)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    from navil_utils.plotting.style import use_workbook_style
+
+    use_workbook_style()
+    try:  # inline backend: PNG only (SVG outputs carry random ids and would break nbval)
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+        set_matplotlib_formats("png")
+    except ImportError:  # pragma: no cover - only outside IPython
+        pass
+    return repo_root()
+
+
+def resolve_model_path(model_path: str | os.PathLike | None = None, default: str | os.PathLike | None = None) -> str:
+    """Pick the checkpoint a notebook runs on.
+
+    Precedence: an explicit ``model_path`` (e.g. papermill ``-p model_path …``) >
+    ``$NAVIL_MODEL_PATH`` > ``default`` (relative defaults are resolved against the repo root).
+    Hub ids (``org/name``) are returned unchanged; :func:`navil_utils.load_model` decides whether
+    they can be reached.
+    """
+    chosen = model_path or os.environ.get(MODEL_PATH_ENV) or default
+    if chosen is None:
+        raise ValueError(f"no model path given: pass model_path=… or set ${MODEL_PATH_ENV}")
+    chosen = str(chosen)
+    candidate = Path(chosen).expanduser()
+    if not candidate.is_absolute() and not candidate.exists() and (repo_root() / candidate).exists():
+        candidate = repo_root() / candidate
+    if candidate.exists():
+        return str(candidate.resolve())
+    return chosen
