@@ -25,9 +25,9 @@ def main() -> None:
     torch.set_num_threads(1)
     from navil_utils.chatting import chat, load_chat_model
     from navil_utils.tiny.synthetic import SyntheticVQA
-    from navil_utils.workbook.notebook import _silence_libraries
+    from navil_utils.workbook.quiet import quiet_libraries
 
-    _silence_libraries()
+    quiet_libraries()
     model, tokenizer = load_chat_model(args.model)
     samples = [SyntheticVQA(seed=5).sample(i) for i in range(args.n + 3)]
     for s in samples[:3]:

@@ -27,7 +27,10 @@ import torch
 from navil_utils.constants import NAVIL_MAX_PIXELS, NAVIL_MIN_PIXELS
 from navil_utils.processing.image_io import make_test_pattern
 from navil_utils.processing.multiscale import preprocess_multiscale
-from navil_utils.reference.preprocessing import make_reference_processor, reference_preprocess_multiscale
+from navil_utils.reference.preprocessing import (
+    make_reference_processor,
+    reference_preprocess_multiscale,
+)
 
 SIZES = {"small 320x240": (240, 320), "medium 1024x768": (768, 1024), "4K 3840x2160": (2160, 3840)}
 

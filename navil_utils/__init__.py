@@ -65,8 +65,10 @@ _register("navil_utils.processing.tokenizers", "load_tokenizer", "InternLM2Token
 _register("navil_utils.processing.processor", "NaViLProcessor", "ChatInputs", "prepare_chat_inputs", "pixel_budget")
 # models
 _register("navil_utils.models.loading", "load_model", "register_auto_classes")
-_register("navil_utils.models", "NaViLForConditionalGeneration", "NaViLChatConfig", "NaViLVisionConfig",
-          "InternLM2VEConfig", "Qwen3VEConfig")
+_register("navil_utils.models.modeling_navil", "NaViLForConditionalGeneration")
+_register("navil_utils.models.configuration_navil", "NaViLChatConfig", "NaViLVisionConfig", "InternLM2VEConfig",
+          "Qwen3VEConfig")
+_register("navil_utils.models.common", "register_attention_function")
 _register("navil_utils.models.presets", "navil_2b_config", "navil_9b_config", "tiny_model_config",
           "build_empty_model")
 # chat
@@ -91,7 +93,8 @@ _register("navil_utils.tiny.synthetic", "SyntheticVQA", "SyntheticConfig")
 _register("navil_utils.tiny.tokenizer", "train_tiny_tokenizer", "load_tiny_tokenizer")
 _register("navil_utils.tiny.data", "TinyCollator", "TinyBatch", "SyntheticBatches", "qa_exact_match")
 # reference oracles (tests, parity checks)
-_register("navil_utils.reference.golden", "load_golden_case", "load_golden_chat_model", "golden_dir")
+_register("navil_utils.reference.golden", "load_golden_case", "load_golden_chat_model")
+_register("navil_utils.reference.fixtures", "golden_dir", "GOLDEN_VARIANTS")
 _register("navil_utils.reference.toy_tokenizer", "ToyTokenizer")
 _register("navil_utils.reference.parity", "compare_with_golden")
 

@@ -16,7 +16,8 @@ torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
-from navil_utils.reference.golden import GOLDEN_VARIANTS, load_golden_case  # noqa: E402
+from navil_utils.reference.fixtures import GOLDEN_VARIANTS  # noqa: E402
+from navil_utils.reference.golden import load_golden_case
 
 
 @pytest.fixture(scope="module", params=GOLDEN_VARIANTS)

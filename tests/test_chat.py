@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 import navil_utils
 from navil_utils.chatting import batch_chat, chat_turn
-from navil_utils.processing.processor import pixel_budget, prepare_chat_inputs
 from navil_utils.constants import IMG_CONTEXT_TOKEN, IMG_START_TOKEN
 from navil_utils.errors import PromptError
+from navil_utils.processing.processor import pixel_budget, prepare_chat_inputs
 from navil_utils.processing.templates import clean_response, get_template
-from navil_utils.reference.golden import GOLDEN_VARIANTS, golden_dir, read_meta
+from navil_utils.reference.fixtures import GOLDEN_VARIANTS, golden_dir, read_meta
 from navil_utils.reference.parity import compare_with_golden
 from navil_utils.reference.toy_tokenizer import ToyTokenizer
 
@@ -156,3 +156,65 @@ def test_parity_report_detects_a_perturbed_model(fixture):
         torch.set_float32_matmul_precision(previous)
     assert not report.loc["logits", "passed"] and report.loc["logits", "max_abs_error"] > 1e-3
     assert report.loc["hidden_states.03", "passed"]                      # everything before the head agrees
+
+
+class _CountSteps:
+    """A stopping criterion that only counts generation steps."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.steps += 1
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat():
+    import navil_utils
+
+    return navil_utils.load_chat_model(navil_utils.repo_root() / "data" / "models" / "navil-tiny")
+
+
+@pytest.mark.parametrize("how", ["break", "close", "garbage"])
+def test_an_abandoned_stream_stops_generating(tiny_chat, how):
+    """Forced to generate 400 tokens, a stream left after its first piece (loop exit, close(), or dropped
+    without iterating) stops within a few steps instead of finishing in the background."""
+    import gc
+
+    from transformers import StoppingCriteriaList
+
+    from navil_utils.chatting import chat
+    from navil_utils.tiny.synthetic import SyntheticVQA
+
+    model, tokenizer = tiny_chat
+    sample = SyntheticVQA(3).sample(0)
+    counter = _CountSteps()
+    stream = chat(model, tokenizer, sample.image, sample.question, stream=True, max_new_tokens=400,
+                  min_new_tokens=400, stopping_criteria=StoppingCriteriaList([counter]))
+    thread = stream._thread
+    if how == "break":
+        for _ in stream:
+            break
+    elif how == "close":
+        next(iter(stream))
+        stream.close()
+    else:
+        del stream
+        gc.collect()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert counter.steps < 100, counter.steps
+
+
+def test_a_finished_stream_still_generates_everything(tiny_chat):
+    from navil_utils.chatting import chat
+    from navil_utils.tiny.synthetic import SyntheticVQA
+
+    model, tokenizer = tiny_chat
+    sample = SyntheticVQA(3).sample(0)
+    stream = chat(model, tokenizer, sample.image, sample.question, stream=True, max_new_tokens=16)
+    pieces = list(stream)
+    answer, _ = chat(model, tokenizer, sample.image, sample.question, max_new_tokens=16)
+    assert stream.answer == answer and "".join(pieces).strip().startswith(answer)
+    assert not stream.generating

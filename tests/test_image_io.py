@@ -14,7 +14,12 @@ import torch
 from PIL import Image
 
 from navil_utils.errors import ImageLoadError, ImageNotFoundError
-from navil_utils.processing.image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, make_test_pattern, to_rgb
+from navil_utils.processing.image_io import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    load_image,
+    make_test_pattern,
+    to_rgb,
+)
 from navil_utils.processing.multiscale import preprocess_multiscale
 from navil_utils.processing.tiling import preprocess_tiles
 

@@ -12,7 +12,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
 import navil_utils
-from navil_utils.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, OfflineError, WeightsMismatchError
+from navil_utils.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    OfflineError,
+    WeightsMismatchError,
+)
 from navil_utils.models.configuration_navil import NaViLChatConfig
 from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
 from navil_utils.reference.golden import golden_root, load_golden_case

@@ -19,8 +19,26 @@ import pytest  # noqa: E402
 
 import navil_utils  # noqa: E402
 from navil_utils.errors import NaViLError, PaperDataError  # noqa: E402
-from navil_utils.paper.tables import AVERAGE_METRICS, MODEL_FAMILIES, PAPER_TABLE_SCHEMAS, architecture_summary, available_paper_tables, benchmark_matrix, fit_power_law, load_paper_table, paper_data_dir, recompute_average
-from navil_utils.plotting.paper import model_colours, plot_grouped_bars, plot_optimal_encoder, plot_params_vs_score, plot_radar, plot_training_curves
+from navil_utils.paper.tables import (
+    AVERAGE_METRICS,
+    MODEL_FAMILIES,
+    PAPER_TABLE_SCHEMAS,
+    architecture_summary,
+    available_paper_tables,
+    benchmark_matrix,
+    fit_power_law,
+    load_paper_table,
+    paper_data_dir,
+    recompute_average,
+)
+from navil_utils.plotting.paper import (
+    model_colours,
+    plot_grouped_bars,
+    plot_optimal_encoder,
+    plot_params_vs_score,
+    plot_radar,
+    plot_training_curves,
+)
 
 TABLES = available_paper_tables()
 #: natural key of each table: no two rows may share it

@@ -11,8 +11,12 @@ import pytest
 import torch
 
 import navil_utils
-from navil_utils.reference.golden import GOLDEN_VARIANTS
-from navil_utils.reference.parity import compare_with_golden, format_error, parity_verdicts
+from navil_utils.reference.fixtures import GOLDEN_VARIANTS
+from navil_utils.reference.parity import (
+    compare_with_golden,
+    format_error,
+    parity_verdicts,
+)
 
 FLOAT64_ROUNDOFF_SCRIPT = """
 import json, sys, torch

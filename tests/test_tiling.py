@@ -10,7 +10,18 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from navil_utils.processing.image_io import make_test_pattern
-from navil_utils.processing.tiling import IMAGENET_MEAN, IMAGENET_STD, NVLM_IMAGE_CONTEXT_TOKEN, candidate_grids, choose_grid, nvlm_image_span_text, nvlm_tile_tags, nvlm_token_count, plan_tiles, preprocess_tiles
+from navil_utils.processing.tiling import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NVLM_IMAGE_CONTEXT_TOKEN,
+    candidate_grids,
+    choose_grid,
+    nvlm_image_span_text,
+    nvlm_tile_tags,
+    nvlm_token_count,
+    plan_tiles,
+    preprocess_tiles,
+)
 
 
 def _card_style_choice(width: int, height: int, max_num: int, image_size: int = 448) -> tuple[int, int]:

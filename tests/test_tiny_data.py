@@ -11,13 +11,20 @@ from navil_utils.constants import IMG_CONTEXT_TOKEN
 from navil_utils.errors import ConfigError
 from navil_utils.models.configuration_navil import NaViLChatConfig
 from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
+from navil_utils.models.presets import TINY_SYSTEM_MESSAGE
 from navil_utils.processing.multiscale import preprocess_multiscale
 from navil_utils.processing.templates import build_prompt
 from navil_utils.processing.tokenizers import navil_token_ids
-from navil_utils.reference.golden import golden_dir
-from navil_utils.tiny.data import IGNORE_INDEX, SyntheticBatches, TinyCollator, isolated_block_mask, qa_exact_match
+from navil_utils.reference.fixtures import golden_dir
+from navil_utils.tiny.data import (
+    IGNORE_INDEX,
+    SyntheticBatches,
+    TinyCollator,
+    isolated_block_mask,
+    qa_exact_match,
+)
 from navil_utils.tiny.synthetic import SyntheticVQA
-from navil_utils.tiny.tokenizer import TINY_SYSTEM_MESSAGE, load_tiny_tokenizer
+from navil_utils.tiny.tokenizer import load_tiny_tokenizer
 from navil_utils.workbook.paths import data_dir
 
 BUDGET = dict(min_pixels=32 * 32, max_pixels=128 * 128)

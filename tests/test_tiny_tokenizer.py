@@ -7,11 +7,18 @@ import pytest
 
 from navil_utils.constants import SPECIAL_TOKEN_LIST
 from navil_utils.errors import ConfigError
+from navil_utils.models.presets import TINY_SYSTEM_MESSAGE
 from navil_utils.processing.image_tokens import image_span_ids, image_span_text
 from navil_utils.processing.templates import TEMPLATES, build_prompt
 from navil_utils.processing.tokenizers import navil_token_ids
 from navil_utils.tiny.synthetic import REGIONS, TEXT_ALPHABET, SyntheticVQA
-from navil_utils.tiny.tokenizer import TINY_SPECIAL_TOKENS, TINY_SYSTEM_MESSAGE, build_tiny_tokenizer, load_tiny_tokenizer, tiny_corpus, train_tiny_tokenizer
+from navil_utils.tiny.tokenizer import (
+    TINY_SPECIAL_TOKENS,
+    build_tiny_tokenizer,
+    load_tiny_tokenizer,
+    tiny_corpus,
+    train_tiny_tokenizer,
+)
 from navil_utils.workbook.paths import data_dir
 
 SHIPPED = data_dir() / "models" / "navil-tiny"

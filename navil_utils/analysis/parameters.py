@@ -13,7 +13,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from navil_utils.constants import SPECIAL_TOKEN_LIST
+from navil_utils.constants import (
+    NAVIL_MERGE_SIZE,
+    SPECIAL_TOKEN_LIST,
+    merge_size_from_ratio,
+)
 
 #: The paper's parameter counts (NaViL-2B: §5.1 "4.2B total, 2.4B activated incl. 0.6B encoder";
 #: NaViL-9B: App. A "9.2B activated, 1.2B encoder"; Table 6 LLM A-Params 1.8B / 8.0B).
@@ -109,7 +113,7 @@ def expected_parameter_counts(config) -> ParameterCounts:
     """
     cfg = config.to_dict() if hasattr(config, "to_dict") else config
     vis, llm = cfg["vision_config"], cfg["llm_config"]
-    m = int(round(1 / cfg.get("downsample_ratio", 0.5)))
+    m = merge_size_from_ratio(cfg.get("downsample_ratio", 1 / NAVIL_MERGE_SIZE))
     d, di, p = vis["hidden_size"], vis["intermediate_size"], vis["patch_size"]
     norm = d * (2 if vis.get("norm_type", "rms_norm") == "layer_norm" else 1)
     vit_layer = (3 * d * d + (3 * d if vis.get("qkv_bias") else 0) + d * d + d + d * di + di + di * d + d

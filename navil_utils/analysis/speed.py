@@ -51,8 +51,11 @@ def measure_generation_speed(model: Any, tokenizer: Any, image: Any, question: s
     runs once either way (the prompt is embedded once by ``generate``).
     """
     from navil_utils.chatting import chat_turn
+    from navil_utils.processing.multiscale import (
+        MultiScaleInputs,
+        preprocess_multiscale,
+    )
     from navil_utils.processing.processor import pixel_budget
-    from navil_utils.processing.multiscale import MultiScaleInputs, preprocess_multiscale
 
     if new_tokens < 1 or repeats < 1:
         raise ConfigError(f"need new_tokens >= 1 and repeats >= 1, got {new_tokens}, {repeats}")

@@ -6,10 +6,18 @@ Importing this package registers the NaViL classes with transformers' Auto class
 """
 from __future__ import annotations
 
-from navil_utils.models.configuration_navil import InternLM2VEConfig, NaViLChatConfig, NaViLVisionConfig, Qwen3VEConfig
+from navil_utils.models.configuration_navil import (
+    InternLM2VEConfig,
+    NaViLChatConfig,
+    NaViLVisionConfig,
+    Qwen3VEConfig,
+)
 from navil_utils.models.internlm2_ve import InternLM2VEForCausalLM
 from navil_utils.models.loading import load_model, register_auto_classes
-from navil_utils.models.modeling_navil import NaViLForConditionalGeneration, NaViLImageFeatures
+from navil_utils.models.modeling_navil import (
+    NaViLForConditionalGeneration,
+    NaViLImageFeatures,
+)
 from navil_utils.models.qwen3_ve import Qwen3VEForCausalLM
 from navil_utils.models.vision import NaViLVisionModel, NaViLVisionOutput, window_layout
 

@@ -21,8 +21,20 @@ from typing import Any
 
 import torch
 
-from navil_utils.constants import CHAT_TOKENS, IMG_CONTEXT_TOKEN, IMG_START_TOKEN, SPECIAL_TOKEN_LIST
-from navil_utils.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, OfflineError, WeightsMismatchError
+from navil_utils.constants import (
+    CHAT_TOKENS,
+    IMG_CONTEXT_TOKEN,
+    IMG_START_TOKEN,
+    SPECIAL_TOKEN_LIST,
+)
+from navil_utils.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    OfflineError,
+    WeightsMismatchError,
+)
 from navil_utils.models.configuration_navil import NaViLChatConfig
 
 CONFIG_NAME = "config.json"

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 
@@ -110,6 +112,40 @@ def eager_attention_forward(
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value_states).transpose(1, 2).contiguous()
     return out, probs
+
+
+def ensure_mask_function(name: str | None) -> None:
+    """Give a custom attention implementation the padding/causal mask that ``sdpa`` gets.
+
+    transformers builds masks per implementation name (``AttentionMaskInterface``); for a name registered
+    only with ``AttentionInterface`` it builds *no* mask, so left-padded batches would silently attend to
+    padding.  Our attention functions (and anything wrapping sdpa or eager) take sdpa's boolean masks,
+    so an unregistered custom name gets ``sdpa_mask``.  Idempotent; built-in names are left alone.
+    """
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+        sdpa_mask,
+    )
+
+    if name and name not in ALL_MASK_ATTENTION_FUNCTIONS and name in ALL_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def register_attention_function(name: str, function: Callable[..., Any], mask_function: Callable[..., Any] | None = None
+                                ) -> None:
+    """Register ``function`` as attention implementation ``name`` together with its mask function.
+
+    ``function(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)`` returns
+    ``(output (B, Lq, H, D), probabilities or None)``; it sees ``module.layer_idx`` and, in the ViT, the
+    segment keywords of :meth:`~navil_utils.models.vision.AttentionSegments.attend`.  Select it with
+    ``load_model(..., attn_implementation=name)`` or ``model.set_attn_implementation(name)``.
+    ``mask_function`` defaults to transformers' ``sdpa_mask`` (boolean, True = attend).
+    """
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    ALL_ATTENTION_FUNCTIONS.register(name, function)
+    AttentionMaskInterface.register(name, mask_function or sdpa_mask)
 
 
 def resolve_attention_implementation(config: PreTrainedConfig, output_attentions: bool) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from navil_utils.constants import NAVIL_SCALE_DOWNSAMPLE_RATIO, merge_size_from_ratio
 from navil_utils.errors import ConfigError
 
 #: Architectures accepted in ``llm_config["architectures"][0]`` (the reference's dispatch keys).
@@ -90,9 +91,10 @@ class NaViLVisionConfig(PreTrainedConfig):
                               "by 4 (2-D rotary embedding: half the rotated dims per axis)")
         if self.norm_type not in ("rms_norm", "layer_norm"):
             raise ConfigError(f"vision norm_type must be 'rms_norm' or 'layer_norm', got {self.norm_type!r}")
-        ratio = float(self.downsample_ratio)
-        if ratio <= 0 or abs(1.0 / ratio - round(1.0 / ratio)) > 1e-6:
-            raise ConfigError(f"downsample_ratio must be 1/m for an integer merge size m, got {ratio}")
+        try:
+            merge_size_from_ratio(self.downsample_ratio)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.window_size < self.merge_size:
             raise ConfigError(f"window_size {self.window_size} is smaller than the merge size {self.merge_size}")
         for idx in self.fullatt_block_indexes or []:
@@ -103,7 +105,7 @@ class NaViLVisionConfig(PreTrainedConfig):
     @property
     def merge_size(self) -> int:
         """``m``: side of the square of patches merged into one visual token (2 for ratio 0.5)."""
-        return int(round(1.0 / float(self.downsample_ratio)))
+        return merge_size_from_ratio(self.downsample_ratio)
 
     @property
     def head_dim(self) -> int:
@@ -314,7 +316,7 @@ class NaViLChatConfig(PreTrainedConfig):
     downsample_ratio: float = 0.5
     template: str | None = None
     anyres_image_size: bool = True
-    scale_downsample_ratio: float = 0.7071
+    scale_downsample_ratio: float = NAVIL_SCALE_DOWNSAMPLE_RATIO
     ps_version: str = "v1"
     min_dynamic_patch: int = 256
     max_dynamic_patch: int = 24576

@@ -8,6 +8,8 @@ layers and the parameter names of their checkpoints.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -17,7 +19,14 @@ from transformers.masking_utils import (
     create_sliding_window_causal_mask,
 )
 
-from navil_utils.models.common import ModalityRouter, NaViLDecoderOutput, NaViLTextRotaryEmbedding, compute_dtype, resolve_attention_implementation
+from navil_utils.models.common import (
+    ModalityRouter,
+    NaViLDecoderOutput,
+    NaViLTextRotaryEmbedding,
+    compute_dtype,
+    ensure_mask_function,
+    resolve_attention_implementation,
+)
 
 
 class VEDecoderForCausalLM(PreTrainedModel):
@@ -58,6 +67,7 @@ class VEDecoderForCausalLM(PreTrainedModel):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
+        **attention_kwargs: Any,
     ) -> NaViLDecoderOutput:
         """Run the decoder on assembled embeddings.
 
@@ -68,6 +78,8 @@ class VEDecoderForCausalLM(PreTrainedModel):
             cache: a transformers ``Cache`` (created when ``use_cache`` and None).
             visual_token_mask: ``(B, T)`` bool, True → visual experts; None → text experts for all.
             logits_to_keep: 0 = all positions, k = last k positions.
+            attention_kwargs: passed unchanged to every layer's attention function (with the module, whose
+                ``layer_idx`` names the layer), e.g. options of a registered attention-recording function.
         Returns:
             :class:`NaViLDecoderOutput` (logits ``(B, T', V)``, cache, hidden states, attentions).
         """
@@ -79,6 +91,7 @@ class VEDecoderForCausalLM(PreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None].expand(batch, -1)
 
+        ensure_mask_function(self.config._attn_implementation)
         mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            cache=cache, position_ids=position_ids)
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -95,7 +108,7 @@ class VEDecoderForCausalLM(PreTrainedModel):
         for index, layer in enumerate(model.layers):
             hidden, probs = layer(hidden, attention_mask=masks[self.config.layer_types[index]],
                                   position_embeddings=position_embeddings, cache=cache, router=router,
-                                  attention_name=attention_name)
+                                  attention_name=attention_name, **attention_kwargs)
             if output_hidden_states and index < len(model.layers) - 1:
                 all_hidden.append(hidden)
             if output_attentions and probs is not None:

@@ -4,7 +4,7 @@ Checkpoint keys (prefix ``language_model.``): ``model.tok_embeddings``, ``model.
 {wqkv,wqkv_ve,wo,wo_ve}``, ``model.layers.{l}.feed_forward{,_ve}.w{1,2,3}``, ``attention_norm``,
 ``ffn_norm``, ``model.norm``, ``output``.
 
-Reference behaviour reproduced on purpose (see ``navil_architecture.md`` §5.2, §9):
+Behaviour of the official code reproduced on purpose:
 
 * **visual tokens get ``wo_ve(wo(a))``** — the visual output projection is applied *on top of* the text
   one (reference bug, present in its eager and flash paths; the released weights were presumably
@@ -17,6 +17,8 @@ Reference behaviour reproduced on purpose (see ``navil_architecture.md`` §5.2, 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -24,7 +26,12 @@ from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from navil_utils.models.common import ModalityRouter, NaViLRMSNorm, apply_rotary, eager_attention_forward
+from navil_utils.models.common import (
+    ModalityRouter,
+    NaViLRMSNorm,
+    apply_rotary,
+    eager_attention_forward,
+)
 from navil_utils.models.configuration_navil import InternLM2VEConfig
 from navil_utils.models.decoder import VEDecoderForCausalLM, build_rotary
 
@@ -85,6 +92,7 @@ class InternLM2VEAttention(nn.Module):
         cache: Cache | None,
         router: ModalityRouter,
         attention_name: str,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         query, key, value = self._split_heads(router(hidden_states, self.wqkv, self.wqkv_ve))
@@ -94,7 +102,8 @@ class InternLM2VEAttention(nn.Module):
             key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention_name, eager_attention_forward)
-        attn, probs = attention_interface(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0)
+        attn, probs = attention_interface(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0,
+                                          **kwargs)
         attn = attn.reshape(batch, length, self.num_heads * self.head_dim)
         return router(attn, self.wo, self._visual_output), probs
 
@@ -118,10 +127,11 @@ class InternLM2VEDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         router: ModalityRouter | None = None,
         attention_name: str = "sdpa",
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         router = router if router is not None else ModalityRouter(None)
         attn, probs = self.attention(self.attention_norm(hidden_states), attention_mask, position_embeddings,
-                                     cache, router, attention_name)
+                                     cache, router, attention_name, **kwargs)
         hidden_states = hidden_states + attn
         hidden_states = hidden_states + router(self.ffn_norm(hidden_states), self.feed_forward, self.feed_forward_ve)
         return hidden_states, probs

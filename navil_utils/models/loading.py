@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
-from navil_utils.models.configuration_navil import InternLM2VEConfig, NaViLChatConfig, NaViLVisionConfig, Qwen3VEConfig
+from navil_utils.models.configuration_navil import (
+    InternLM2VEConfig,
+    NaViLChatConfig,
+    NaViLVisionConfig,
+    Qwen3VEConfig,
+)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -6,7 +6,7 @@ reference ``NaViL`` class: ``vision_model.*``, ``mlp1.*``, ``special_token_embed
 states, attentions), ``generate`` (``GenerationMixin`` + ``DynamicCache``: greedy, sampling, beam search,
 batched with left padding) and ``get_image_features``.
 
-Reference behaviour kept on purpose (``navil_architecture.md`` §5, §7.3, §9):
+Behaviour of the official code kept on purpose:
 
 * Embedding assembly: the 12 NaViL special tokens take rows of ``special_token_embedding`` instead of the
   LLM table; ``<IMG_CONTEXT>`` positions take the visual tokens in row-major order (all images, each
@@ -38,11 +38,23 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from navil_utils.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, SPECIAL_TOKEN_LIST
+from navil_utils.constants import (
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+    SPECIAL_TOKEN_LIST,
+)
 from navil_utils.errors import ConfigError, ModelInputError, WeightsMismatchError
-from navil_utils.models.checkpoint import prepare_pretrained, special_token_ids_from_tokenizer_files
+from navil_utils.models.checkpoint import (
+    prepare_pretrained,
+    special_token_ids_from_tokenizer_files,
+)
 from navil_utils.models.common import NaViLCausalLMOutput, compute_dtype
-from navil_utils.models.configuration_navil import INTERNLM2_VE_ARCHITECTURE, QWEN3_VE_ARCHITECTURE, NaViLChatConfig
+from navil_utils.models.configuration_navil import (
+    INTERNLM2_VE_ARCHITECTURE,
+    QWEN3_VE_ARCHITECTURE,
+    NaViLChatConfig,
+)
 from navil_utils.models.internlm2_ve import InternLM2VEForCausalLM
 from navil_utils.models.qwen3_ve import Qwen3VEForCausalLM
 from navil_utils.models.vision import NaViLVisionModel

@@ -1,4 +1,4 @@
-"""Configurations of the NaViL models this workbook builds: the full-size NaViL-2B / NaViL-9B.
+"""Configurations of the NaViL models this workbook builds: the full-size NaViL-2B / NaViL-9B and the tiny one.
 
 The released ``config.json`` files were not obtainable offline, so the two configurations below are
 assembled from:
@@ -20,19 +20,29 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from navil_utils.constants import SPECIAL_TOKEN_LIST
+from navil_utils.constants import (
+    NAVIL_MAX_DYNAMIC_PATCH,
+    NAVIL_MERGE_SIZE,
+    NAVIL_MIN_DYNAMIC_PATCH,
+    NAVIL_SCALE_DOWNSAMPLE_RATIO,
+    NAVIL_WINDOW_SIZE,
+    SPECIAL_TOKEN_LIST,
+    TINY_MAX_PIXELS,
+    TINY_MIN_PIXELS,
+)
+from navil_utils.errors import ConfigError
 
 #: NaViL-2B: ViT 24×1472 (Table 6) + InternLM2-1.8B with modality experts.
 NAVIL_2B: dict[str, Any] = {
     "architectures": ["NaViL"],
     "model_type": "navil_chat",
     "template": "internlm2-chat",
-    "downsample_ratio": 0.5,
+    "downsample_ratio": 1 / NAVIL_MERGE_SIZE,
     "force_image_size": 32,
     "anyres_image_size": True,
-    "scale_downsample_ratio": 0.7071,
-    "min_dynamic_patch": 256,
-    "max_dynamic_patch": 24576,
+    "scale_downsample_ratio": NAVIL_SCALE_DOWNSAMPLE_RATIO,
+    "min_dynamic_patch": NAVIL_MIN_DYNAMIC_PATCH,
+    "max_dynamic_patch": NAVIL_MAX_DYNAMIC_PATCH,
     "select_layer": -1,
     "ps_version": "v2",
     "vision_config": {
@@ -168,3 +178,80 @@ def build_empty_model(config, dtype=None):
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the embedded tiny NaViL (data/models/navil-tiny)
+#: Conversation template of the tiny model (NaViL-9B's, with the Qwen3-VE backbone).
+TINY_TEMPLATE = "qwen3-chat"
+#: Default system message of the tiny model (short: every token costs training compute).
+TINY_SYSTEM_MESSAGE = "You answer questions about images."
+
+
+def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None = None, *,
+                      vit_width: int = 128, vit_layers: int = 4, vit_heads: int = 4,
+                      llm_width: int = 192, llm_layers: int = 4, llm_heads: int = 4, llm_kv_heads: int = 2,
+                      llm_intermediate: int = 512, patch_size: int = 16,
+                      min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
+                      system_message: str | None = None) -> dict[str, Any]:
+    """The tiny NaViL's ``config.json`` content, in the official NaViL format (Qwen3-VE backbone).
+
+    ``min_dynamic_patch``/``max_dynamic_patch`` encode the pixel budget in units of ``patch_size²``.
+    """
+    if max_pixels % (patch_size * patch_size) or min_pixels % (patch_size * patch_size):
+        raise ConfigError(f"pixel budget {min_pixels}..{max_pixels} must be a multiple of patch_size²")
+    config = {
+        "architectures": ["NaViL"],
+        "model_type": "navil_chat",
+        "template": TINY_TEMPLATE,
+        "downsample_ratio": 1 / NAVIL_MERGE_SIZE,
+        "force_image_size": 32,
+        "anyres_image_size": True,
+        "min_dynamic_patch": min_pixels // (patch_size * patch_size),
+        "max_dynamic_patch": max_pixels // (patch_size * patch_size),
+        "scale_downsample_ratio": NAVIL_SCALE_DOWNSAMPLE_RATIO,
+        "select_layer": -1,
+        "ps_version": "v2",
+        "vision_config": {
+            "model_type": "navil_vit",
+            "patch_size": patch_size,
+            "hidden_size": vit_width,
+            "num_attention_heads": vit_heads,
+            "intermediate_size": 4 * vit_width,
+            "num_hidden_layers": vit_layers,
+            "qk_normalization": False,
+            "qkv_bias": True,
+            "norm_type": "rms_norm",
+            "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu",
+            "initializer_factor": 0.1,
+            "window_size": NAVIL_WINDOW_SIZE,
+            "fullatt_block_indexes": None,
+            "image_size": 32,
+            "downsample_ratio": 1 / NAVIL_MERGE_SIZE,
+        },
+        "llm_config": {
+            "architectures": ["Qwen3VEForCausalLM"],
+            "vocab_size": vocab_size,
+            "hidden_size": llm_width,
+            "intermediate_size": llm_intermediate,
+            "num_hidden_layers": llm_layers,
+            "num_attention_heads": llm_heads,
+            "num_key_value_heads": llm_kv_heads,
+            "head_dim": llm_width // llm_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "attention_bias": False,
+            "sliding_window": None,
+            "use_sliding_window": False,
+            "tie_word_embeddings": False,
+            "bos_token_id": None,
+        },
+    }
+    if special_token_ids:
+        config["special_token_ids"] = dict(special_token_ids)
+    if system_message is not None:
+        config["system_message"] = system_message
+    return config

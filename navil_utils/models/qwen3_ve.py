@@ -11,6 +11,8 @@ per-head RMSNorms over ``head_dim`` applied before RoPE; ``head_dim`` is indepen
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -18,7 +20,12 @@ from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from navil_utils.models.common import ModalityRouter, NaViLRMSNorm, apply_rotary, eager_attention_forward
+from navil_utils.models.common import (
+    ModalityRouter,
+    NaViLRMSNorm,
+    apply_rotary,
+    eager_attention_forward,
+)
 from navil_utils.models.configuration_navil import Qwen3VEConfig
 from navil_utils.models.decoder import VEDecoderForCausalLM, build_rotary
 
@@ -78,6 +85,7 @@ class Qwen3VEAttention(nn.Module):
         cache: Cache | None,
         router: ModalityRouter,
         attention_name: str,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         heads = (batch, length, -1, self.head_dim)
@@ -95,6 +103,7 @@ class Qwen3VEAttention(nn.Module):
         attn, probs = attention_interface(
             self, query, key, value, attention_mask, scaling=self.scaling,
             dropout=self.attention_dropout if self.training else 0.0, sliding_window=self.sliding_window,
+            **kwargs,
         )
         attn = attn.reshape(batch, length, self.num_heads * self.head_dim)
         return router(attn, self.o_proj, self.o_proj_ve), probs
@@ -119,10 +128,11 @@ class Qwen3VEDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         router: ModalityRouter | None = None,
         attention_name: str = "sdpa",
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         router = router if router is not None else ModalityRouter(None)
         attn, probs = self.self_attn(self.input_layernorm(hidden_states), attention_mask, position_embeddings,
-                                     cache, router, attention_name)
+                                     cache, router, attention_name, **kwargs)
         hidden_states = hidden_states + attn
         hidden_states = hidden_states + router(self.post_attention_layernorm(hidden_states), self.mlp, self.mlp_ve)
         return hidden_states, probs

@@ -5,7 +5,7 @@ concatenated — and ``grid_thw`` ``(G, 3)``, one ``(t, h, w)`` row (in patches)
 grid, patches come merge-block by merge-block in raster order, and the ``m × m`` patches of a block in
 raster order (the Qwen2-VL processor layout).
 
-Pipeline (``navil_architecture.md`` §4):
+Pipeline (as in the official NaViL ViT):
 
 1. ``embeddings.patch_embedding``: ``Conv2d(3, D, p, p)`` on each patch → ``(N, D)``.
 2. 2-D RoPE angles per patch: ``concat(row · inv_freq, col · inv_freq)``, ``inv_freq = 1/10000^(4i/hd)``,
@@ -36,7 +36,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from navil_utils.errors import ModelInputError
-from navil_utils.models.common import NaViLRMSNorm, compute_dtype, eager_attention_forward, resolve_attention_implementation, rotate_half
+from navil_utils.models.common import (
+    NaViLRMSNorm,
+    compute_dtype,
+    eager_attention_forward,
+    resolve_attention_implementation,
+    rotate_half,
+)
 from navil_utils.models.configuration_navil import NaViLVisionConfig
 
 ROPE_THETA = 10000.0
@@ -150,7 +156,13 @@ class AttentionSegments:
 
     def attend(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_name: str, output_attentions: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """``q, k, v (N, H, hd)`` → ``(N, H, hd)`` and, if asked, one ``(H, L, L)`` map per segment."""
+        """``q, k, v (N, H, hd)`` → ``(N, H, hd)`` and, if asked, one ``(H, L, L)`` map per segment.
+
+        The attention function is called once per distinct segment length with ``(n, H, L, hd)`` inputs
+        and these keywords (for recorders): ``segment_starts`` — the token offset of each of the ``n``
+        segments, ``segment_length`` — ``L``, ``segment_bounds`` — every ``(start, end)`` of the layer;
+        ``module.layer_idx`` names the ViT layer.  Offsets are in the encoder's (window-permuted) order.
+        """
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention_name, eager_attention_forward)
         out = query.new_empty(query.shape)
         maps: dict[int, torch.Tensor] = {}
@@ -159,8 +171,9 @@ class AttentionSegments:
                 q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))  # (1, H, N, hd)
             else:
                 q, k, v = (x[index].transpose(1, 2) for x in (query, key, value))  # (n, H, L, hd)
-            attn, probs = attention_interface(module, q, k, v, None, scaling=module.scaling,
-                                              dropout=0.0, is_causal=False)
+            attn, probs = attention_interface(module, q, k, v, None, scaling=module.scaling, dropout=0.0,
+                                              is_causal=False, segment_starts=starts,
+                                              segment_length=q.shape[2], segment_bounds=self.segments)
             if index is None:
                 out = attn[0]
             else:

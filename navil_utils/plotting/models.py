@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from navil_utils.analysis.device_maps import DevicePlan, GiB, device_component, device_of_parameter
+from navil_utils.analysis.device_maps import (
+    DevicePlan,
+    GiB,
+    device_component,
+    device_of_parameter,
+)
 from navil_utils.analysis.parameters import PAPER_PARAMETERS, ParameterCounts
 
 

@@ -121,7 +121,13 @@ def image_span_categories(grids, merge_size: int = 2) -> tuple[list[str], list[i
     each a category: ``"<img>"``, ``"</img>"``, ``"line"``, ``"frame"`` or the 0-based scale index."""
     import re
 
-    from navil_utils.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_FRAME_BREAK_TOKEN, IMG_LINE_BREAK_TOKEN, IMG_START_TOKEN
+    from navil_utils.constants import (
+        IMG_CONTEXT_TOKEN,
+        IMG_END_TOKEN,
+        IMG_FRAME_BREAK_TOKEN,
+        IMG_LINE_BREAK_TOKEN,
+        IMG_START_TOKEN,
+    )
     from navil_utils.processing.image_tokens import image_span_text
 
     tokens = re.findall(r"<[^<>]+>", image_span_text(grids, merge_size))

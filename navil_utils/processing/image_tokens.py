@@ -17,7 +17,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from navil_utils.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_FRAME_BREAK_TOKEN, IMG_LINE_BREAK_TOKEN, IMG_START_TOKEN
+from navil_utils.constants import (
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_FRAME_BREAK_TOKEN,
+    IMG_LINE_BREAK_TOKEN,
+    IMG_START_TOKEN,
+)
 
 
 def _grid_rows(image_grid_thw) -> list[tuple[int, int, int]]:

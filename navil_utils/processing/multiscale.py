@@ -51,10 +51,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from navil_utils.constants import NAVIL_MAX_PIXELS, NAVIL_MERGE_SIZE, NAVIL_MIN_PIXELS, NAVIL_PATCH_SIZE, NAVIL_SCALE_DOWNSAMPLE_RATIO, NAVIL_WINDOW_SIZE
+from navil_utils.constants import (
+    NAVIL_MAX_PIXELS,
+    NAVIL_MERGE_SIZE,
+    NAVIL_MIN_PIXELS,
+    NAVIL_PATCH_SIZE,
+    NAVIL_SCALE_DOWNSAMPLE_RATIO,
+    NAVIL_WINDOW_SIZE,
+)
 from navil_utils.errors import ImageLoadError
 from navil_utils.processing.image_io import ImageSource, describe_source, load_image
-from navil_utils.processing.image_tokens import ScaleTokens, image_span_ids, image_span_text, scale_token_counts
+from navil_utils.processing.image_tokens import (
+    ScaleTokens,
+    image_span_ids,
+    image_span_text,
+    scale_token_counts,
+)
 
 #: The processor refuses ``max(H, W) / min(H, W)`` above this.
 MAX_ASPECT_RATIO = 200

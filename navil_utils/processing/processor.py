@@ -26,7 +26,13 @@ import torch
 
 from navil_utils.constants import IMAGE_PLACEHOLDER, merge_size_from_ratio
 from navil_utils.errors import PromptError
-from navil_utils.processing.templates import ChatTemplate, History, add_image_placeholders, build_prompt, template_from_config
+from navil_utils.processing.templates import (
+    ChatTemplate,
+    History,
+    add_image_placeholders,
+    build_prompt,
+    template_from_config,
+)
 from navil_utils.processing.tokenizers import token_id
 
 
@@ -155,7 +161,8 @@ class NaViLProcessor:
         ``before + image_span_text(grids) + after == render(question, grids)`` for any one-image grids
         (the training collator tokenises the two pieces once and splices the span ids in between).
         """
-        text = self.render(IMAGE_PLACEHOLDER + "\n" + question, system_message=system_message)
+        system = self.system_message if system_message is None else system_message
+        text = self.template.render([(add_image_placeholders(question, 1), None)], system)
         before, after = text.split(IMAGE_PLACEHOLDER)
         return before, after
 
@@ -166,7 +173,10 @@ class NaViLProcessor:
     # ---- images ------------------------------------------------------------------------------------
     def preprocess(self, image: Any):
         """``None`` → no image; a ``MultiScaleInputs`` is used as is; anything else is preprocessed."""
-        from navil_utils.processing.multiscale import MultiScaleInputs, preprocess_multiscale
+        from navil_utils.processing.multiscale import (
+            MultiScaleInputs,
+            preprocess_multiscale,
+        )
 
         if image is None or (isinstance(image, (list, tuple)) and len(image) == 0):
             return None

@@ -16,6 +16,7 @@ the multi-scale span of image k (:func:`navil_utils.processing.image_tokens.imag
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,49 @@ class ChatTemplate:
             for role, message in ((self.user_role, question), (self.assistant_role, answer)):
                 parts.append(role + message + self.sep if message else role)
         return "".join(parts)
+
+    def to_jinja(self, default_system_message: str | None = None) -> str:
+        """The same format as a Jinja chat template (``tokenizer.apply_chat_template``).
+
+        ``messages`` hold ``system`` (optional, first), ``user`` and ``assistant`` turns; the system message
+        defaults to ``default_system_message`` (else this template's) and can be overridden by a leading
+        system message or ``apply_chat_template(..., system_message=...)``.  Renders exactly what
+        :meth:`render` renders for the same turns (``add_generation_prompt`` = an open assistant turn).
+        """
+        system = self.system_message if default_system_message is None else default_system_message
+        before, after = self.system_template.split("{system_message}")
+        role = {"user": _jinja_literal(self.user_role), "assistant": _jinja_literal(self.assistant_role)}
+        sep = _jinja_literal(self.sep)
+        return (
+            "{%- set ns = namespace(system=system_message if system_message is defined else "
+            + json.dumps(system, ensure_ascii=False) + ", start=0) -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}"
+            "{%- endif -%}"
+            "{{- " + _jinja_concat(before, "ns.system", after) + " + " + sep + " -}}"
+            "{%- for message in messages[ns.start:] -%}"
+            "{%- if message['role'] == 'assistant' -%}"
+            "{%- set role = " + role["assistant"] + " -%}"
+            "{%- elif message['role'] == 'user' -%}"
+            "{%- set role = " + role["user"] + " -%}"
+            "{%- else -%}"
+            "{{- raise_exception('unsupported role ' + message['role'] + ' (use system/user/assistant)') -}}"
+            "{%- endif -%}"
+            "{%- if message['content'] -%}{{- role + message['content'] + " + sep + " -}}"
+            "{%- else -%}{{- role -}}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- " + role["assistant"] + " -}}{%- endif -%}"
+        )
+
+
+def _jinja_literal(text: str) -> str:
+    """A single-quoted Jinja string literal of ``text``."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _jinja_concat(before: str, expression: str, after: str) -> str:
+    parts = ([_jinja_literal(before)] if before else []) + [expression] + ([_jinja_literal(after)] if after else [])
+    return " + ".join(parts)
 
 
 TEMPLATES: dict[str, ChatTemplate] = {

@@ -9,7 +9,6 @@ benchmarks, never by the runtime code.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,27 +16,9 @@ from typing import Any
 import torch
 
 from navil_utils.errors import CheckpointError
+from navil_utils.reference.fixtures import GOLDEN_VARIANTS, golden_dir, read_meta
 from navil_utils.workbook.paths import repo_root
 
-GOLDEN_VARIANTS: tuple[str, ...] = ("internlm2_ve", "qwen3_ve")
-
-
-def golden_dir(variant: str | None = None) -> Path:
-    """``tests/fixtures/golden`` (or one variant's sub-directory, e.g. ``"internlm2_ve"``)."""
-    root = repo_root() / "tests" / "fixtures" / "golden"
-    if variant is None:
-        return root
-    if variant not in (*GOLDEN_VARIANTS, "common"):
-        raise CheckpointError(f"unknown golden variant {variant!r}; known: {GOLDEN_VARIANTS}")
-    return root / variant
-
-
-def read_meta(fixture_dir: str | os.PathLike) -> dict[str, Any]:
-    """The fixture's ``meta.json`` (question, template, toy-tokenizer rule, special-token ids, …)."""
-    path = Path(fixture_dir) / "meta.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: {fixture_dir} is not a golden fixture directory")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 @dataclass
 class GoldenCase:

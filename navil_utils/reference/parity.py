@@ -119,7 +119,7 @@ def compare_with_golden(model: Any, fixture_dir: str | os.PathLike, atol: float 
                 add(key, hidden, outputs[key])
         add("loss", out.loss.reshape(1), outputs["loss"].reshape(1))
         if generate:
-            from navil_utils.reference.golden import read_meta
+            from navil_utils.reference.fixtures import read_meta
 
             eos = int(read_meta(fixture_dir)["special_token_ids"]["<|im_end|>"])  # the template separator
             steps = outputs["generated_ids"].shape[1]

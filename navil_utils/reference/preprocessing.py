@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from navil_utils.constants import NAVIL_SCALE_DOWNSAMPLE_RATIO
 from navil_utils.processing.image_io import ImageSource, load_image
 
 
@@ -65,7 +66,7 @@ def reference_preprocess_multiscale(
     images: ImageSource | Sequence[ImageSource],
     min_pixels: int,
     max_pixels: int,
-    scale_downsample_ratio: float = 0.7071,
+    scale_downsample_ratio: float = NAVIL_SCALE_DOWNSAMPLE_RATIO,
     patch_size: int = 16,
     merge_size: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -100,7 +101,7 @@ def reference_scale_sizes(
     width: int,
     min_pixels: int,
     max_pixels: int,
-    scale_downsample_ratio: float = 0.7071,
+    scale_downsample_ratio: float = NAVIL_SCALE_DOWNSAMPLE_RATIO,
     patch_size: int = 16,
     merge_size: int = 2,
 ) -> list[tuple[tuple[int, int], tuple[int, int, int]]]:

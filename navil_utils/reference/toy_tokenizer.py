@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from navil_utils.errors import CheckpointError
-from navil_utils.reference.golden import read_meta
+from navil_utils.reference.fixtures import read_meta
 
 
 class ToyTokenizer:

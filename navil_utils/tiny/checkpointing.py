@@ -8,12 +8,14 @@ A checkpoint directory ``<run>/checkpoint/`` holds
 * ``rng.safetensors`` — torch CPU (and CUDA) RNG states,
 * ``trainer_state.json`` — step, samples seen, optimiser param groups, scheduler state, config.
 
-It is written to ``checkpoint.tmp/`` first and renamed, so a run killed while saving never leaves a
-half-written checkpoint behind.
+It is written to ``checkpoint.tmp/`` first (a ``COMPLETE`` marker last) and swapped into place by two
+renames; a run killed at any moment leaves either the previous or the new checkpoint, which
+:func:`recover_checkpoint` restores before resuming.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,11 +46,26 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict[s
     return state
 
 
+#: Written last into a checkpoint directory: its presence means every file of it is complete.
+COMPLETE_MARKER = "COMPLETE"
+
+
+def _siblings(directory: Path) -> tuple[Path, Path]:
+    return directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+
+
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, trainer_state: dict[str, Any]) -> Path:
-    """Atomically write a resumable checkpoint to ``directory``; return it."""
+    """Write a resumable checkpoint to ``directory`` crash-safely; return it.
+
+    The new checkpoint is written to ``<dir>.tmp`` (``COMPLETE`` marker last), then the old one is moved
+    to ``<dir>.old``, the new one into place, and the old one deleted.  A kill at any point leaves a
+    complete checkpoint that :func:`recover_checkpoint` puts back: the new one if its marker was written,
+    else the old one.
+    """
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
+    recover_checkpoint(directory)
+    tmp, old = _siblings(directory)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -67,16 +84,47 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: to
     state["optimizer_scalars"] = opt_scalars
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+    _write_synced(tmp / COMPLETE_MARKER, str(state.get("step", "")))
     if directory.exists():
-        old = directory.with_name(directory.name + ".old")
         if old.exists():
             shutil.rmtree(old)
         directory.rename(old)
-        tmp.rename(directory)
+    tmp.rename(directory)
+    if old.exists():
         shutil.rmtree(old)
-    else:
-        tmp.rename(directory)
     return directory
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def recover_checkpoint(directory: str | Path) -> bool:
+    """Finish an interrupted :func:`save_checkpoint`; return whether ``directory`` now holds a checkpoint.
+
+    ``<dir>`` present: stale ``.tmp``/``.old`` leftovers are removed.  ``<dir>`` missing (killed between the
+    two renames): a complete ``<dir>.tmp`` is moved into place, else ``<dir>.old`` is.
+    """
+    directory = Path(directory)
+    tmp, old = _siblings(directory)
+    if directory.exists():
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        return True
+    if tmp.exists() and (tmp / COMPLETE_MARKER).exists():
+        tmp.rename(directory)
+    elif old.exists():
+        old.rename(directory)
+    else:
+        return False
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    return True
 
 
 def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

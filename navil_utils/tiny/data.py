@@ -13,7 +13,8 @@ Sequence of one sample (NaViL's ``qwen3-chat`` format, :mod:`navil_utils.process
     <|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n  ← prompt (labels -100)
     {answer}<|im_end|>                                  ← labels = input ids
 
-The prompt tokens equal ``tokenizer(build_prompt(...))`` exactly, and the answer is tokenised on its
+The prompt tokens equal ``tokenizer(processor.render(...))`` exactly (the text around the image span comes
+from :meth:`NaViLProcessor.text_around_image`), and the answer is tokenised on its
 own — as it is generated after the prompt — so training and inference see the same ids.
 
 ``qa_packing="isolated"`` puts all QA pairs of a sample (``Sample.qas``) after one shared image
@@ -29,14 +30,25 @@ from typing import Any
 
 import torch
 
-from navil_utils.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_FRAME_BREAK_TOKEN, IMG_LINE_BREAK_TOKEN, IMG_START_TOKEN, NAVIL_MERGE_SIZE, NAVIL_PATCH_SIZE, NAVIL_SCALE_DOWNSAMPLE_RATIO
+from navil_utils.constants import (
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_FRAME_BREAK_TOKEN,
+    IMG_LINE_BREAK_TOKEN,
+    IMG_START_TOKEN,
+    NAVIL_MERGE_SIZE,
+    NAVIL_PATCH_SIZE,
+    NAVIL_SCALE_DOWNSAMPLE_RATIO,
+    TINY_MAX_PIXELS,
+    TINY_MIN_PIXELS,
+)
 from navil_utils.errors import ConfigError
+from navil_utils.models.presets import TINY_SYSTEM_MESSAGE, TINY_TEMPLATE
 from navil_utils.processing.image_tokens import image_span_ids
 from navil_utils.processing.multiscale import preprocess_multiscale
-from navil_utils.processing.templates import get_template
+from navil_utils.processing.processor import NaViLProcessor
 from navil_utils.processing.tokenizers import navil_token_ids
 from navil_utils.tiny.synthetic import QA, Sample
-from navil_utils.tiny.tokenizer import TINY_SYSTEM_MESSAGE
 
 IGNORE_INDEX = -100
 _PREFIX_BLOCK = -1  # block id of the shared prefix (system, user role, image span)
@@ -136,9 +148,9 @@ class TinyCollator:
         tokenizer: Any,
         *,
         system_message: str = TINY_SYSTEM_MESSAGE,
-        template: str = "qwen3-chat",
-        min_pixels: int = 32 * 32,
-        max_pixels: int = 128 * 128,
+        template: str = TINY_TEMPLATE,
+        min_pixels: int = TINY_MIN_PIXELS,
+        max_pixels: int = TINY_MAX_PIXELS,
         scale_downsample_ratio: float = NAVIL_SCALE_DOWNSAMPLE_RATIO,
         patch_size: int = NAVIL_PATCH_SIZE,
         merge_size: int = NAVIL_MERGE_SIZE,
@@ -154,10 +166,11 @@ class TinyCollator:
             raise ConfigError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.tokenizer = tokenizer
         self.system_message = system_message
-        self.template = get_template(template)
-        self.preprocess_kwargs = dict(min_pixels=min_pixels, max_pixels=max_pixels,
-                                      scale_downsample_ratio=scale_downsample_ratio, patch_size=patch_size,
-                                      merge_size=merge_size)
+        self.processor = NaViLProcessor(tokenizer, template, dict(
+            min_pixels=min_pixels, max_pixels=max_pixels, scale_downsample_ratio=scale_downsample_ratio,
+            patch_size=patch_size, merge_size=merge_size), system_message)
+        self.template = self.processor.template
+        self.preprocess_kwargs = self.processor.budget
         self.merge_size = merge_size
         self.padding_side = padding_side
         self.qa_packing = qa_packing
@@ -170,11 +183,10 @@ class TinyCollator:
         if tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token")
         self.pad_id = int(tokenizer.pad_token_id)
-        # prompt = prefix + image span + "\n{question}" + sep + assistant role; one tokenizer call each
-        # (special tokens delimit the pieces, so this equals tokenising the whole prompt)
-        prefix_text = self.template.system_template.format(system_message=system_message) + self.template.sep \
-            + self.template.user_role
-        self.prefix_ids = self._encode(prefix_text)
+        # prompt = the processor's text before the image span + span ids + its text after the span (the
+        # question and the open assistant turn); one tokenizer call each (special tokens delimit the
+        # pieces, so this equals tokenising the whole prompt)
+        self.prefix_ids = self._encode(self.processor.text_around_image("")[0])
         self._cache: dict[str, list[int]] = {}
 
     # ---- tokens ----------------------------------------------------------------------------------
@@ -195,8 +207,8 @@ class TinyCollator:
         return ids
 
     def question_ids(self, question: str) -> list[int]:
-        """Ids of ``"\\n{question}<|im_end|>" + assistant role`` (what follows ``</img>``)."""
-        return self._cached("\n" + question + self.template.sep + self.template.assistant_role)
+        """Ids of what follows ``</img>`` in the prompt: ``"\\n{question}<|im_end|>"`` + the assistant role."""
+        return self._cached(self.processor.text_around_image(question)[1])
 
     def answer_ids(self, answer: str) -> list[int]:
         """Ids of the answer followed by ``<|im_end|>`` (the supervised tokens)."""

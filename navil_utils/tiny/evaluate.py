@@ -113,8 +113,8 @@ def evaluate_model(model, tokenizer, *, n: int = 1000, seed: int = 1234, scales:
     ``samples`` (a list of :class:`~navil_utils.tiny.synthetic.Sample`) replaces the generated questions.
     """
     from navil_utils.chatting import batch_chat
-    from navil_utils.processing.processor import pixel_budget
     from navil_utils.processing.multiscale import preprocess_multiscale
+    from navil_utils.processing.processor import pixel_budget
     from navil_utils.tiny.synthetic import QUESTION_TYPES, SyntheticVQA
 
     if samples is None:
@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    from navil_utils.workbook.notebook import _silence_libraries
+    from navil_utils.workbook.quiet import quiet_libraries
 
-    _silence_libraries()
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     from navil_utils.chatting import load_chat_model

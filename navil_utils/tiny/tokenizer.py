@@ -10,9 +10,10 @@ offline (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.jso
 * Pre-tokenisation isolates every upper-case letter and digit before GPT-2's byte-level split, so
   rendered strings (``K7R``) and counts are read one character per token, while the closed task
   vocabulary (``circle``, `` color``, ``yes`` …) becomes whole-word tokens.
-* The chat template reproduces NaViL's ``qwen3-chat`` conversation format exactly
-  (:data:`navil_utils.processing.templates.TEMPLATES`), with the tiny model's short English system message
-  (:data:`TINY_SYSTEM_MESSAGE`) as default; ``apply_chat_template(..., system_message=...)`` or a
+* The chat template is NaViL's ``qwen3-chat`` conversation format, generated from the same
+  :class:`~navil_utils.processing.templates.ChatTemplate` that renders every prompt
+  (:meth:`~navil_utils.processing.processor.NaViLProcessor.jinja_chat_template`), with the tiny model's short
+  English system message (:data:`~navil_utils.models.presets.TINY_SYSTEM_MESSAGE`) as default; ``apply_chat_template(..., system_message=...)`` or a
   leading ``system`` message overrides it.
 """
 from __future__ import annotations
@@ -25,42 +26,15 @@ from typing import Any
 
 from navil_utils.constants import IM_END_TOKEN, IM_START_TOKEN, SPECIAL_TOKEN_LIST
 from navil_utils.errors import ConfigError
+from navil_utils.models.presets import TINY_SYSTEM_MESSAGE, TINY_TEMPLATE
+from navil_utils.processing.templates import get_template
 
 PAD_TOKEN = "<|endoftext|>"
 THINK_TOKENS: tuple[str, ...] = ("<think>", "</think>")
 #: Special tokens in id order (0 … 14).
 TINY_SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, IM_START_TOKEN, IM_END_TOKEN) + SPECIAL_TOKEN_LIST
-#: Default system message of the tiny model (short: every token costs training compute).
-TINY_SYSTEM_MESSAGE = "You answer questions about images."
 #: Upper-case letters and digits are isolated (one token each) before the byte-level split.
 _ISOLATE_PATTERN = r"\p{Lu}|\p{Nd}"
-
-#: NaViL's qwen3-chat format as a Jinja template (matches prompting.TEMPLATES["qwen3-chat"].render):
-#: ``<|im_start|>system\n{sys}<|im_end|>`` + per turn ``<|im_start|>{role}\n{content}<|im_end|>``
-#: (assistant turns open ``<think>\n\n</think>\n\n``; an empty message contributes only its role),
-#: no newlines between turns.
-CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system=system_message if system_message is defined else "
-    + json.dumps(TINY_SYSTEM_MESSAGE)
-    + ", start=0) -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}"
-    "{%- endif -%}"
-    "{{- '<|im_start|>system\\n' + ns.system + '<|im_end|>' -}}"
-    "{%- for message in messages[ns.start:] -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- set role = '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' -%}"
-    "{%- elif message['role'] == 'user' -%}"
-    "{%- set role = '<|im_start|>user\\n' -%}"
-    "{%- else -%}"
-    "{{- raise_exception('unsupported role ' + message['role'] + ' (use system/user/assistant)') -}}"
-    "{%- endif -%}"
-    "{%- if message['content'] -%}{{- role + message['content'] + '<|im_end|>' -}}"
-    "{%- else -%}{{- role -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
-)
-
 
 def chat_markup_texts(system_message: str = TINY_SYSTEM_MESSAGE) -> list[str]:
     """Chat scaffolding the tokenizer should compress well (roles, think block, system message)."""
@@ -137,8 +111,7 @@ def train_tiny_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer(tiny_corpus(num_samples, seed, system_message), vocab_size)
     tokenizer.save(str(out / "tokenizer.json"))
-    template = CHAT_TEMPLATE if system_message == TINY_SYSTEM_MESSAGE else CHAT_TEMPLATE.replace(
-        json.dumps(TINY_SYSTEM_MESSAGE), json.dumps(system_message))
+    template = get_template(TINY_TEMPLATE).to_jinja(system_message)  # the prompt format of chat and training
     added = {
         str(tokenizer.token_to_id(token)): {
             "content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,

@@ -33,8 +33,14 @@ from typing import Any
 
 import torch
 
+from navil_utils.constants import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 from navil_utils.errors import ConfigError
-from navil_utils.tiny.checkpointing import load_checkpoint, save_checkpoint
+from navil_utils.models.presets import TINY_SYSTEM_MESSAGE, tiny_model_config
+from navil_utils.tiny.checkpointing import (
+    load_checkpoint,
+    recover_checkpoint,
+    save_checkpoint,
+)
 
 #: Curriculum: ``(start_fraction, {question type: weight})``; a stage runs until the next one starts.
 #: Easy, fast-learning types first (colour, count), then geometry, then text reading, then all mixed.
@@ -44,75 +50,6 @@ DEFAULT_CURRICULUM: tuple[tuple[float, dict[str, float]], ...] = (
     (0.25, {"color": 1.0, "count": 1.0, "position": 1.0, "relation": 1.0, "text": 2.0}),
     (0.45, {"color": 1.0, "count": 1.5, "position": 1.5, "relation": 1.0, "text": 2.5}),
 )
-
-
-def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None = None, *,
-                      vit_width: int = 128, vit_layers: int = 4, vit_heads: int = 4,
-                      llm_width: int = 192, llm_layers: int = 4, llm_heads: int = 4, llm_kv_heads: int = 2,
-                      llm_intermediate: int = 512, patch_size: int = 16,
-                      min_pixels: int = 32 * 32, max_pixels: int = 128 * 128,
-                      system_message: str | None = None) -> dict[str, Any]:
-    """The tiny NaViL's ``config.json`` content, in the official NaViL format (Qwen3-VE backbone).
-
-    ``min_dynamic_patch``/``max_dynamic_patch`` encode the pixel budget in units of ``patch_size²``.
-    """
-    if max_pixels % (patch_size * patch_size) or min_pixels % (patch_size * patch_size):
-        raise ConfigError(f"pixel budget {min_pixels}..{max_pixels} must be a multiple of patch_size²")
-    config = {
-        "architectures": ["NaViL"],
-        "model_type": "navil_chat",
-        "template": "qwen3-chat",
-        "downsample_ratio": 0.5,
-        "force_image_size": 32,
-        "anyres_image_size": True,
-        "min_dynamic_patch": min_pixels // (patch_size * patch_size),
-        "max_dynamic_patch": max_pixels // (patch_size * patch_size),
-        "scale_downsample_ratio": 0.7071,
-        "select_layer": -1,
-        "ps_version": "v2",
-        "vision_config": {
-            "model_type": "navil_vit",
-            "patch_size": patch_size,
-            "hidden_size": vit_width,
-            "num_attention_heads": vit_heads,
-            "intermediate_size": 4 * vit_width,
-            "num_hidden_layers": vit_layers,
-            "qk_normalization": False,
-            "qkv_bias": True,
-            "norm_type": "rms_norm",
-            "layer_norm_eps": 1e-6,
-            "hidden_act": "gelu",
-            "initializer_factor": 0.1,
-            "window_size": 8,
-            "fullatt_block_indexes": None,
-            "image_size": 32,
-            "downsample_ratio": 0.5,
-        },
-        "llm_config": {
-            "architectures": ["Qwen3VEForCausalLM"],
-            "vocab_size": vocab_size,
-            "hidden_size": llm_width,
-            "intermediate_size": llm_intermediate,
-            "num_hidden_layers": llm_layers,
-            "num_attention_heads": llm_heads,
-            "num_key_value_heads": llm_kv_heads,
-            "head_dim": llm_width // llm_heads,
-            "hidden_act": "silu",
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0,
-            "attention_bias": False,
-            "sliding_window": None,
-            "use_sliding_window": False,
-            "tie_word_embeddings": False,
-            "bos_token_id": None,
-        },
-    }
-    if special_token_ids:
-        config["special_token_ids"] = dict(special_token_ids)
-    if system_message is not None:
-        config["system_message"] = system_message
-    return config
 
 
 @dataclass
@@ -145,8 +82,8 @@ class TrainConfig:
     num_workers: int = 0
     model: dict[str, Any] = field(default_factory=dict)     # overrides of tiny_model_config()
     data: dict[str, Any] = field(default_factory=dict)      # overrides of SyntheticConfig
-    min_pixels: int = 32 * 32
-    max_pixels: int = 128 * 128
+    min_pixels: int = TINY_MIN_PIXELS
+    max_pixels: int = TINY_MAX_PIXELS
     tokenizer: str | None = None       # directory; default: <out>/tokenizer (trained on first run)
     init_from: str | None = None       # start from these weights (a checkpoint directory) instead of random
     progress: bool = True
@@ -218,7 +155,10 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def build_model(config: TrainConfig, tokenizer: Any):
-    """A freshly initialised tiny NaViL sized by ``config.model`` for ``tokenizer``."""
+    """A freshly initialised tiny NaViL sized by ``config.model`` for ``tokenizer``.
+
+    The initialisation is seeded with ``config.seed`` on a forked RNG: the caller's RNG state is unchanged.
+    """
     from navil_utils.models.configuration_navil import NaViLChatConfig
     from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
     from navil_utils.processing.tokenizers import navil_token_ids
@@ -227,12 +167,11 @@ def build_model(config: TrainConfig, tokenizer: Any):
     model_kwargs = dict(config.model)
     model_kwargs.setdefault("min_pixels", config.min_pixels)
     model_kwargs.setdefault("max_pixels", config.max_pixels)
-    from navil_utils.tiny.tokenizer import TINY_SYSTEM_MESSAGE
-
     model_kwargs.setdefault("system_message", TINY_SYSTEM_MESSAGE)
     cfg = NaViLChatConfig(**tiny_model_config(len(tokenizer), ids, **model_kwargs))
-    torch.manual_seed(config.seed)
-    return NaViLForConditionalGeneration(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return NaViLForConditionalGeneration(cfg)
 
 
 def _tokenizer_for(config: TrainConfig):
@@ -287,10 +226,35 @@ def _truncate_log(path: Path, step: int) -> None:
 def train(config: TrainConfig, *, _simulate_kill_after: int | None = None) -> Path:
     """Run (or resume) training; return the output directory.
 
+    The caller's global state is left as it was: torch's RNG is forked for the run (model init, dropout;
+    the run's own RNG state is saved in every checkpoint and restored on resume) and the intra-op thread
+    count is restored afterwards.
+
     ``_simulate_kill_after`` (tests only) stops dead after that many steps of this session, without a
     final checkpoint or export — like ``kill -9`` — so that resuming from the last periodic checkpoint
     can be checked against an uninterrupted run.
     """
+    threads = torch.get_num_threads()
+    devices = list(range(torch.cuda.device_count())) if torch.device(config.device).type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            return _train(config, _simulate_kill_after)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def no_weight_decay(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters trained without weight decay: 1-D tensors (norm weights, biases) and
+    every embedding table (``nn.Embedding``: Qwen3-VE ``embed_tokens``, InternLM2-VE ``tok_embeddings``,
+    NaViL's ``special_token_embedding``)."""
+    names = {name for name, param in model.named_parameters() if param.ndim < 2}
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            names |= {f"{module_name}.{name}" if module_name else name for name, _ in module.named_parameters()}
+    return names
+
+
+def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "train_config.json"
@@ -307,23 +271,27 @@ def train(config: TrainConfig, *, _simulate_kill_after: int | None = None) -> Pa
     device = torch.device(config.device)
     tokenizer, tokenizer_dir = _tokenizer_for(config)
     model = build_model(config, tokenizer)
-    if config.init_from and not (out / "checkpoint").exists():
+    torch.manual_seed(config.seed)  # the run's own RNG stream (forked by train(); saved in checkpoints)
+    if config.init_from and not recover_checkpoint(out / "checkpoint"):
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(Path(config.init_from) / "model.safetensors"), strict=True)
     model = model.to(device)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
+    exempt = no_weight_decay(model)
+    decay = [p for n, p in model.named_parameters() if n not in exempt]
+    no_decay = [p for n, p in model.named_parameters() if n in exempt]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=config.lr, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
     checkpoint_dir = out / "checkpoint"
     state = {"step": 0, "samples": 0, "elapsed_seconds": 0.0}
-    if checkpoint_dir.exists():
+    if recover_checkpoint(checkpoint_dir):
         state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
         _truncate_log(out / "log.jsonl", state["step"])
+    else:  # a run killed before its first checkpoint starts again from step 0: drop its log records
+        _truncate_log(out / "log.jsonl", 0)
         print(f"resuming {out} at step {state['step']} ({state['elapsed_seconds'] / 60:.1f} min trained)", flush=True)
 
     train_batches = StepBatches(config, tokenizer)

@@ -1,34 +1,15 @@
 """Notebook set-up: reproducible, quiet, and independent of where Jupyter was started."""
 from __future__ import annotations
 
-import logging
 import os
 import random
-import warnings
 from pathlib import Path
 
 from navil_utils.workbook.paths import repo_root
+from navil_utils.workbook.quiet import quiet_libraries
 
 #: Environment variable that points every notebook at another checkpoint (e.g. real NaViL-2B/9B).
 MODEL_PATH_ENV = "NAVIL_MODEL_PATH"
-
-
-def _silence_libraries() -> None:
-    """Keep stdout/stderr free of progress bars and library warnings (nbval compares stderr)."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    warnings.filterwarnings("ignore")
-    for name in ("transformers", "accelerate", "huggingface_hub", "matplotlib", "PIL", "papermill"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        pass
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -46,7 +27,8 @@ def setup_notebook(seed: int = 0, *, threads: int | None = 1) -> Path:
 
     - seeds ``random``, NumPy and torch with ``seed``;
     - applies the workbook's matplotlib style (fixed figsize and dpi, PNG inline output);
-    - silences progress bars and library warnings so nothing volatile reaches stdout/stderr;
+    - silences progress bars and the named noisy library loggers (:mod:`navil_utils.workbook.quiet`) so
+      nothing volatile reaches stdout/stderr; Python warnings are left alone;
     - sets torch's intra-op threads to ``threads`` (default 1: the workbook's tiny models run fastest
       with one thread on a laptop, and float reductions are then reproducible run to run, which
       ``pytest --nbval`` relies on); pass ``threads=None`` to keep torch's default (real checkpoints).
@@ -54,7 +36,7 @@ def setup_notebook(seed: int = 0, *, threads: int | None = 1) -> Path:
     The returned path is the repository root, so notebooks find ``data/`` and ``figures/`` no matter
     which directory Jupyter was started in.
     """
-    _silence_libraries()
+    quiet_libraries()
     seed_everything(seed)
     if threads is not None:
         import torch

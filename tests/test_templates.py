@@ -7,11 +7,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from navil_utils.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_FRAME_BREAK_TOKEN, IMG_LINE_BREAK_TOKEN, IMG_START_TOKEN
+from navil_utils.constants import (
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_FRAME_BREAK_TOKEN,
+    IMG_LINE_BREAK_TOKEN,
+    IMG_START_TOKEN,
+)
 from navil_utils.errors import ConfigError, PromptError
 from navil_utils.processing.image_tokens import image_span_text
-from navil_utils.processing.templates import DEFAULT_SYSTEM_MESSAGE, TEMPLATES, add_image_placeholders, build_prompt, clean_response, get_template, template_from_config
-from navil_utils.reference.golden import GOLDEN_VARIANTS, golden_dir, read_meta
+from navil_utils.processing.templates import (
+    DEFAULT_SYSTEM_MESSAGE,
+    TEMPLATES,
+    add_image_placeholders,
+    build_prompt,
+    clean_response,
+    get_template,
+    template_from_config,
+)
+from navil_utils.reference.fixtures import GOLDEN_VARIANTS, golden_dir, read_meta
 
 COMMON = json.loads((golden_dir("common") / "meta.json").read_text())
 GRIDS = COMMON["image_grid_thw"]          # [[1,4,6],[1,4,8],[1,6,10]]

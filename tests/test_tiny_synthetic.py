@@ -8,7 +8,21 @@ import numpy as np
 import pytest
 
 from navil_utils.errors import ConfigError
-from navil_utils.tiny.synthetic import ALL_QUESTION_TYPES, COLORS, OBJECT_GAP, PLAIN_BACKGROUNDS, REGIONS, TEXT_COLOR, SyntheticConfig, SyntheticVQA, enumerate_questions, region_of, region_touches, relation_holds, render_text_mask
+from navil_utils.tiny.synthetic import (
+    ALL_QUESTION_TYPES,
+    COLORS,
+    OBJECT_GAP,
+    PLAIN_BACKGROUNDS,
+    REGIONS,
+    TEXT_COLOR,
+    SyntheticConfig,
+    SyntheticVQA,
+    enumerate_questions,
+    region_of,
+    region_touches,
+    relation_holds,
+    render_text_mask,
+)
 
 N_PIXEL_CHECK = 300
 

@@ -9,8 +9,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from navil_utils.plotting.preprocessing import budget_explorer, image_span_categories, plot_multiscale_scales, plot_nvlm_tiles, plot_token_budgets, plot_token_sequence  # noqa: E402
-from navil_utils.analysis.token_budgets import token_budget_table
+from navil_utils.analysis.token_budgets import token_budget_table  # noqa: E402
+from navil_utils.plotting.preprocessing import (  # noqa: E402
+    budget_explorer,
+    image_span_categories,
+    plot_multiscale_scales,
+    plot_nvlm_tiles,
+    plot_token_budgets,
+    plot_token_sequence,
+)
 from navil_utils.processing.image_io import make_test_pattern  # noqa: E402
 from navil_utils.processing.multiscale import preprocess_multiscale  # noqa: E402
 from navil_utils.processing.tiling import preprocess_tiles  # noqa: E402

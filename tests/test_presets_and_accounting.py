@@ -8,10 +8,22 @@ import pytest
 import torch
 
 from navil_utils.analysis.device_maps import plan_device_map
-from navil_utils.analysis.parameters import PAPER_PARAMETERS, compare_with_paper, count_parameters, expected_parameter_counts, parameter_component
+from navil_utils.analysis.parameters import (
+    PAPER_PARAMETERS,
+    compare_with_paper,
+    count_parameters,
+    expected_parameter_counts,
+    parameter_component,
+)
 from navil_utils.errors import ConfigError
-from navil_utils.models.presets import FULL_SIZE_CONFIGS, build_empty_model, navil_2b_config, navil_9b_config, navil_config_dict
-from navil_utils.reference.golden import GOLDEN_VARIANTS, golden_dir
+from navil_utils.models.presets import (
+    FULL_SIZE_CONFIGS,
+    build_empty_model,
+    navil_2b_config,
+    navil_9b_config,
+    navil_config_dict,
+)
+from navil_utils.reference.fixtures import GOLDEN_VARIANTS, golden_dir
 
 BUILDERS = {"NaViL-2B": navil_2b_config, "NaViL-9B": navil_9b_config}
 

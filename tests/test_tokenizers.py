@@ -18,8 +18,13 @@ from safetensors.torch import load_file
 from navil_utils.constants import SPECIAL_TOKEN_LIST
 from navil_utils.errors import CheckpointError
 from navil_utils.processing.templates import build_prompt
-from navil_utils.processing.tokenizers import InternLM2Tokenizer, load_tokenizer, navil_token_ids, tokenizer_kind
-from navil_utils.reference.golden import GOLDEN_VARIANTS, golden_dir, read_meta
+from navil_utils.processing.tokenizers import (
+    InternLM2Tokenizer,
+    load_tokenizer,
+    navil_token_ids,
+    tokenizer_kind,
+)
+from navil_utils.reference.fixtures import GOLDEN_VARIANTS, golden_dir, read_meta
 from navil_utils.reference.toy_tokenizer import ToyTokenizer
 
 CORPUS = [

@@ -15,11 +15,30 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 import navil_utils
-from navil_utils.constants import IMG_CONTEXT_TOKEN, IMG_FRAME_BREAK_TOKEN, IMG_LINE_BREAK_TOKEN, NAVIL_MAX_PIXELS, NAVIL_MIN_PIXELS
+from navil_utils.constants import (
+    IMG_CONTEXT_TOKEN,
+    IMG_FRAME_BREAK_TOKEN,
+    IMG_LINE_BREAK_TOKEN,
+    NAVIL_MAX_PIXELS,
+    NAVIL_MIN_PIXELS,
+)
 from navil_utils.errors import ImageLoadError
-from navil_utils.processing.multiscale import merged_token_windows, navil_resize_size, navil_token_count, next_scale_budget, patchify, plan_multiscale, preprocess_multiscale, unpatchify, window_token_order
-from navil_utils.reference.golden import golden_dir
-from navil_utils.reference.preprocessing import reference_preprocess_multiscale, reference_scale_sizes
+from navil_utils.processing.multiscale import (
+    merged_token_windows,
+    navil_resize_size,
+    navil_token_count,
+    next_scale_budget,
+    patchify,
+    plan_multiscale,
+    preprocess_multiscale,
+    unpatchify,
+    window_token_order,
+)
+from navil_utils.reference.fixtures import golden_dir
+from navil_utils.reference.preprocessing import (
+    reference_preprocess_multiscale,
+    reference_scale_sizes,
+)
 
 GOLDEN_MIN, GOLDEN_MAX = 12 * 16 * 16, 48 * 16 * 16  # the fixture's budget: 3072 / 12288 px
 
@@ -55,7 +74,7 @@ def test_golden_scale_metadata(golden):
     path, _, meta = golden
     out = preprocess_multiscale(path, min_pixels=GOLDEN_MIN, max_pixels=GOLDEN_MAX)
     assert [s.original_hw for s in out.scales] == [tuple(meta["image_hw"])] * 3
-    # spec §6.1 worked example: resized 46×87, 63×120, 80×152 → padded 64×96, 64×128, 96×160
+    # worked example (golden fixture image): resized 46×87, 63×120, 80×152 → padded 64×96, 64×128, 96×160
     assert [s.resized_hw for s in out.scales] == [(46, 87), (63, 120), (80, 152)]
     assert [s.padded_hw for s in out.scales] == [(64, 96), (64, 128), (96, 160)]
     assert out.visual_tokens_per_scale() == [6, 8, 15] and out.num_visual_tokens == 29
@@ -225,7 +244,7 @@ def test_padding_is_minus_one_and_unpatchify_round_trips():
 
 
 def test_patch_order_is_merge_block_raster():
-    """Patch index ((bh·(w/m) + bw)·m + mh)·m + mw holds pixel rows (bh·m+mh)·p… (spec §4.1)."""
+    """Patch index ((bh·(w/m) + bw)·m + mh)·m + mw holds pixel rows (bh·m+mh)·p…."""
     hp, wp, p, m = 64, 96, 16, 2
     tag = np.zeros((hp, wp, 3), dtype=np.int64)
     tag[..., 0] = np.arange(hp)[:, None] // p  # patch row
@@ -300,7 +319,7 @@ def test_bad_settings_are_rejected():
 
 
 def test_window_order_matches_golden_example():
-    # spec §4.4: merged grid 3×5 (patch grid 6×10) with window_size 8 → 4 merged tokens per side
+    # merged grid 3×5 (patch grid 6×10) with window_size 8 → 4 merged tokens per side
     assert window_token_order(6, 10).tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13, 4, 9, 14]
     windows = merged_token_windows(6, 10)
     assert windows.shape == (3, 5) and windows.tolist() == [[0, 0, 0, 0, 1]] * 3

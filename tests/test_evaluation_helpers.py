@@ -15,11 +15,23 @@ from matplotlib.colors import to_hex  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import navil_utils  # noqa: E402
-from navil_utils.analysis.accuracy import accuracy_frame, accuracy_table, answer_space_size, chance_levels  # noqa: E402
+from navil_utils.analysis.accuracy import (  # noqa: E402
+    accuracy_frame,
+    accuracy_table,
+    answer_space_size,
+    chance_levels,
+)
 from navil_utils.analysis.speed import compare_kv_cache, measure_generation_speed, speed_frame  # noqa: E402
-from navil_utils.plotting.evaluation import GalleryItem, OUTCOME_COLOURS, plot_image_answers, plot_qa_gallery, plot_scale_ablation, success_failure_items  # noqa: E402
 from navil_utils.errors import ConfigError  # noqa: E402
-from navil_utils.reference.golden import golden_dir  # noqa: E402
+from navil_utils.plotting.evaluation import (  # noqa: E402
+    OUTCOME_COLOURS,
+    GalleryItem,
+    plot_image_answers,
+    plot_qa_gallery,
+    plot_scale_ablation,
+    success_failure_items,
+)
+from navil_utils.reference.fixtures import golden_dir  # noqa: E402
 from navil_utils.tiny.synthetic import SyntheticVQA  # noqa: E402
 
 

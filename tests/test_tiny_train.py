@@ -1,0 +1,158 @@
+"""Training the tiny NaViL: a short run learns, and a killed run resumes bit for bit."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from navil_utils.errors import ConfigError
+from navil_utils.tiny.train import TrainConfig, curriculum_stage, lr_factor, train
+from navil_utils.workbook.paths import repo_root
+
+MICRO_MODEL = {"vit_width": 32, "vit_layers": 1, "vit_heads": 2, "llm_width": 64, "llm_layers": 1,
+               "llm_heads": 2, "llm_kv_heads": 1, "llm_intermediate": 128}
+
+
+def micro_config(out, **overrides) -> TrainConfig:
+    values = dict(out=str(out), tokenizer=str(repo_root() / "data/models/navil-tiny"), total_steps=6,
+                  batch_size=4, lr=2e-3, warmup_steps=2, log_every=1, eval_every=1000, eval_batches=0,
+                  checkpoint_every=2, threads=1, progress=False, model=MICRO_MODEL, max_pixels=64 * 64,
+                  data={"image_size_range": [64, 64], "aspect_ratios": [1.0]},
+                  curriculum=[[0.0, {"color": 1.0}]])
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+def test_lr_schedule_and_curriculum():
+    config = TrainConfig(total_steps=1000, warmup_steps=100, min_lr_ratio=0.1)
+    assert lr_factor(config, 0) == pytest.approx(0.01)
+    assert lr_factor(config, 99) == pytest.approx(1.0)
+    assert lr_factor(config, 550) == pytest.approx(0.55)   # half-way through the cosine
+    assert lr_factor(config, 1000) == pytest.approx(0.1)
+    assert [curriculum_stage(config, s) for s in (0, 99, 100, 249, 250, 449, 450, 999)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ConfigError, match="unknown training options"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+
+
+def test_short_run_loss_drops_clearly(tmp_path):
+    train(micro_config(tmp_path, total_steps=40, batch_size=8, log_every=5))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 8
+    assert losses[-1] < 0.5 * losses[0], losses   # from ~6 nats (uniform over the vocabulary) to the answer prior
+    final = tmp_path / "final"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert (final / name).exists(), name
+
+
+def test_killed_run_resumes_bit_for_bit(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(micro_config(straight))
+    train(micro_config(resumed), _simulate_kill_after=3)          # dies after step 3; checkpoint holds step 2
+    state = json.loads((resumed / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and not (resumed / "final").exists()
+    train(micro_config(resumed))                                  # same command again: resumes at step 2
+    a = load_file(straight / "final" / "model.safetensors")
+    b = load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    log_a = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (resumed / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in log_a] == [(r["step"], r["loss"]) for r in log_b]
+
+
+def test_resuming_with_different_options_is_refused(tmp_path):
+    train(micro_config(tmp_path, total_steps=2))
+    with pytest.raises(ConfigError, match="different configuration"):
+        train(micro_config(tmp_path, total_steps=2, lr=1e-3))
+
+
+class SimulatedKill(BaseException):
+    """Stands for SIGKILL: nothing after it runs (not even `except Exception` blocks)."""
+
+
+def test_kill_between_the_checkpoint_renames_loses_nothing(tmp_path, monkeypatch):
+    """Killed after the old checkpoint was moved aside but before the new one was moved into place: the
+    next run recovers the complete new checkpoint, resumes from it, ends bit-identical to an uninterrupted
+    run, and its log has each step exactly once."""
+    import pathlib
+
+    from navil_utils.tiny import checkpointing
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train(micro_config(straight))
+    original_rename = pathlib.Path.rename
+    saves = {"n": 0}
+
+    def rename(self, target):
+        if self.name == "checkpoint.tmp":
+            saves["n"] += 1
+            if saves["n"] == 2:  # the second periodic save (step 4): die between the two renames
+                assert (self.parent / "checkpoint.old").exists() and not (self.parent / "checkpoint").exists()
+                raise SimulatedKill
+        return original_rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", rename)
+    with pytest.raises(SimulatedKill):
+        train(micro_config(crashed))
+    monkeypatch.setattr(pathlib.Path, "rename", original_rename)
+    assert not (crashed / "checkpoint").exists() and (crashed / "checkpoint.old").exists()
+    assert (crashed / "checkpoint.tmp" / checkpointing.COMPLETE_MARKER).exists()
+
+    train(micro_config(crashed))
+    assert not (crashed / "checkpoint.old").exists() and not (crashed / "checkpoint.tmp").exists()
+    a = load_file(straight / "final" / "model.safetensors")
+    b = load_file(crashed / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (crashed / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_recover_prefers_a_complete_new_checkpoint_and_falls_back_to_the_old(tmp_path):
+    from navil_utils.tiny.checkpointing import COMPLETE_MARKER, recover_checkpoint
+
+    directory = tmp_path / "checkpoint"
+    assert recover_checkpoint(directory) is False
+    for marker, expected in ((True, "new"), (False, "old")):
+        for name, tag in (("checkpoint.old", "old"), ("checkpoint.tmp", "new")):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "tag").write_text(tag)
+        if marker:
+            (tmp_path / "checkpoint.tmp" / COMPLETE_MARKER).write_text("4")
+        assert recover_checkpoint(directory) is True
+        assert (directory / "tag").read_text() == expected
+        assert not (tmp_path / "checkpoint.old").exists() and not (tmp_path / "checkpoint.tmp").exists()
+        import shutil
+
+        shutil.rmtree(directory)
+
+
+def test_training_leaves_the_callers_threads_and_rng_alone(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    try:
+        train(micro_config(tmp_path, total_steps=2, threads=1))
+        assert torch.get_num_threads() == 2
+        assert torch.equal(torch.get_rng_state(), before)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", ["internlm2_ve", "qwen3_ve"])
+def test_embedding_tables_of_both_backbones_get_no_weight_decay(variant):
+    from navil_utils.reference.golden import load_golden_case
+    from navil_utils.tiny.train import no_weight_decay
+
+    model = load_golden_case(variant).model
+    exempt = no_weight_decay(model)
+    embedding = "language_model.model.tok_embeddings.weight" if variant == "internlm2_ve" \
+        else "language_model.model.embed_tokens.weight"
+    assert embedding in dict(model.named_parameters())
+    assert {embedding, "special_token_embedding.weight"} <= exempt
+    matrices = [n for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n]
+    assert matrices and not exempt & set(matrices)
+    assert all(p.ndim < 2 for n, p in model.named_parameters() if n in exempt and "embed" not in n)
