@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from navil_utils.analysis.parameters import parameter_component
 
 GiB = 1024**3
 
@@ -116,19 +117,27 @@ def plan_device_map(
                       device_map=dict(device_map), bytes_per_device=per_device)
 
 
-def device_component(module_name: str) -> str:
-    """Coarse group of a module or parameter name for plots: ViT, connector, embeddings, LLM layers, head."""
-    if module_name.startswith("vision_model"):
-        return "vision encoder"
-    if module_name.startswith("mlp1") or "special_token_embedding" in module_name:
-        return "connector + special embeddings"
-    if ".layers." in module_name:
-        return "LLM layers (both experts)"
-    if "tok_embeddings" in module_name or "embed_tokens" in module_name:
-        return "token embeddings"
-    if re.search(r"(^|\.)(output|lm_head)(\.|$)", module_name):
-        return "LM head"
-    return "norms / rotary"
+#: Coarse plot groups of the components of :func:`~navil_utils.analysis.parameters.parameter_component`.
+DEVICE_GROUPS: dict[str, str] = {
+    "vision_encoder": "vision encoder",
+    "connector": "connector + special embeddings",
+    "special_token_embedding": "connector + special embeddings",
+    "token_embeddings": "token embeddings",
+    "text_experts": "LLM layers (both experts)",
+    "visual_experts": "LLM layers (both experts)",
+    "lm_head": "LM head",
+}
+
+
+def device_component(param_name: str) -> str:
+    """Coarse group of a parameter for plots: ViT, connector, embeddings, LLM layers, head, other norms."""
+    try:
+        component = parameter_component(param_name)
+    except ValueError:
+        return "norms / rotary"
+    if component == "shared_norms":
+        return "LLM layers (both experts)" if ".layers." in param_name else "norms / rotary"
+    return DEVICE_GROUPS[component]
 
 
 def device_of_parameter(param_name: str, device_map: Mapping[str, int | str]) -> int | str:
