@@ -87,7 +87,10 @@ _register("navil_utils.plotting.evaluation", "plot_scale_ablation", "plot_qa_gal
           "GalleryItem", "success_failure_items")
 # paper tables
 _register("navil_utils.paper.tables", "load_paper_table", "available_paper_tables", "benchmark_matrix",
-          "recompute_average", "percent_scores", "fit_power_law", "PowerLaw", "architecture_summary")
+          "recompute_average", "percent_scores", "architecture_summary")
+_register("navil_utils.analysis.scaling", "fit_power_law", "PowerLaw", "optimal_encoder", "optimal_encoders",
+          "bootstrap_optimal_encoder_fit", "fit_saturating_power_law", "bootstrap_saturating_power_law",
+          "SaturatingPowerLaw")
 # embedded tiny model
 _register("navil_utils.tiny.synthetic", "SyntheticVQA", "SyntheticConfig")
 _register("navil_utils.tiny.tokenizer", "train_tiny_tokenizer", "load_tiny_tokenizer")

@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 import navil_utils  # noqa: E402
+from navil_utils.analysis.scaling import fit_power_law  # noqa: E402
 from navil_utils.errors import NaViLError, PaperDataError  # noqa: E402
 from navil_utils.paper.tables import (
     AVERAGE_METRICS,
@@ -26,7 +27,6 @@ from navil_utils.paper.tables import (
     architecture_summary,
     available_paper_tables,
     benchmark_matrix,
-    fit_power_law,
     load_paper_table,
     paper_data_dir,
     recompute_average,

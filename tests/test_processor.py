@@ -84,3 +84,29 @@ def test_text_around_image_brackets_the_span(processor):
     assert prompt.startswith(before) and prompt.endswith(after)
     span = prompt[len(before):len(prompt) - len(after)]
     assert span.startswith("<img>") and span.endswith("</img>") and IMAGE_PLACEHOLDER not in prompt
+
+
+def test_chat_messages_give_the_same_inputs_as_questions_and_history(processor):
+    sample = SyntheticVQA(4).sample(1)
+    first = processor([sample.image], [sample.question])
+    history = [(first.questions[0], "red")]
+    direct = processor([sample.image], ["And the shape?"], [history], "Be brief.")
+    via_messages = processor.apply_chat([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": sample.question},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "And the shape?"},
+    ], images=sample.image)
+    assert via_messages.prompts == direct.prompts
+    assert torch.equal(via_messages.input_ids, direct.input_ids)
+
+
+@pytest.mark.parametrize("messages", [
+    [], [{"role": "assistant", "content": "hi"}], [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], [{"role": "tool", "content": "x"}],
+    [{"role": "user", "content": None}]])
+def test_malformed_messages_raise_a_prompt_error(processor, messages):
+    from navil_utils.errors import PromptError
+
+    with pytest.raises(PromptError):
+        processor.apply_chat(messages)

@@ -2,11 +2,10 @@
 
 The CSV files under ``data/paper/`` are hand-checked transcriptions (``data/paper/README.md`` gives
 every table's source and caveats).  This module loads them with a fixed schema and offers the few
-reshapes notebooks need:
+reshapes notebooks need (fits live in :mod:`navil_utils.analysis.scaling`):
 
     >>> bench = load_paper_table("benchmarks")                     # tidy: one row per (model, benchmark)
     >>> benchmark_matrix(["NaViL-2B", "NaViL-9B"], ["MMMU", "OCRBench"], percent=True)
-    >>> fit_power_law(grid.llm_size_b, grid.visual_encoder_size_b)  # the optimal-encoder rule
 
 Empty CSV cells mean "not reported" and load as NaN / <NA>, never 0.
 """
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -196,32 +194,6 @@ def recompute_average(matrix: pd.DataFrame, average: str) -> pd.Series:
     _check_known("benchmark", metrics, pd.Series(matrix.columns))
     scaled = pd.DataFrame({m: percent_scores(matrix[m], m) for m in metrics})
     return scaled.mean(axis=1, skipna=True).rename(average)
-
-
-class PowerLaw(NamedTuple):
-    """``y = coefficient * x ** exponent`` (a straight line in log-log axes)."""
-
-    coefficient: float
-    exponent: float
-
-    def predict(self, x: np.ndarray | Sequence[float] | float) -> np.ndarray:
-        return self.coefficient * np.asarray(x, dtype=float) ** self.exponent
-
-
-def fit_power_law(x: Sequence[float] | pd.Series, y: Sequence[float] | pd.Series) -> PowerLaw:
-    """Least-squares fit of ``log y = log c + k log x`` (both in any consistent unit).
-
-    Needs at least two distinct, strictly positive ``x`` values and positive ``y``.
-    """
-    x_arr, y_arr = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if x_arr.shape != y_arr.shape or x_arr.ndim != 1:
-        raise ValueError(f"x and y must be 1-D and of equal length, got shapes {x_arr.shape} and {y_arr.shape}")
-    if np.any(x_arr <= 0) or np.any(y_arr <= 0):
-        raise ValueError("a power-law fit needs strictly positive x and y")
-    if np.unique(x_arr).size < 2:
-        raise ValueError("a power-law fit needs at least two distinct x values")
-    exponent, log_c = np.polyfit(np.log(x_arr), np.log(y_arr), deg=1)
-    return PowerLaw(coefficient=float(np.exp(log_c)), exponent=float(exponent))
 
 
 #: Rows of :func:`architecture_summary`: (architecture.csv column, readable label).

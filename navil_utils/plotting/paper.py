@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 
-from navil_utils.paper.tables import PowerLaw
+from navil_utils.analysis.scaling import PowerLaw
 from navil_utils.plotting.style import PALETTE
 
 #: Fixed colours of the three systems this workbook is about.

@@ -225,6 +225,40 @@ class NaViLProcessor:
             num_scales=num_scales,
         )
 
+    def apply_chat(self, messages: Sequence[dict[str, str]], images: Any = None) -> ChatInputs:
+        """Model inputs of one conversation given as chat messages (the transformers convention).
+
+        ``messages``: ``{"role": "system" | "user" | "assistant", "content": str}`` dicts — an optional
+        leading system message, alternating user/assistant turns, and a final user message (the question to
+        answer).  ``images`` (one or a list) belong to the first user message, where ``<image>`` placeholders
+        may place them.  Equivalent to ``self([images], [question], [history], system_message)``.
+        """
+        system, history, question = split_messages(messages)
+        if history and images is not None:  # the images belong to the first user message
+            count = len(images) if isinstance(images, (list, tuple)) else int(getattr(images, "num_images", 1))
+            history[0] = (add_image_placeholders(history[0][0], count), history[0][1])
+        return self([images], [question], [history or None], system)
+
+
+def split_messages(messages: Sequence[dict[str, str]]) -> tuple[str | None, History, str]:
+    """``messages`` -> ``(system message or None, [(question, answer), …], final question)``."""
+    messages = list(messages)
+    if not messages:
+        raise PromptError("no messages given")
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
+                or message.get("role") not in ("system", "user", "assistant"):
+            raise PromptError(f"each message must be {{'role': system|user|assistant, 'content': str}}, got {message!r}")
+    system = None
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    roles = [m["role"] for m in messages]
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(messages))]
+    if roles != expected or roles[-1:] != ["user"]:
+        raise PromptError(f"messages must alternate user/assistant and end with a user message, got roles {roles}")
+    history = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages) - 1, 2)]
+    return system, history, messages[-1]["content"]
+
 
 def prepare_chat_inputs(
     model_or_config: Any,

@@ -1,0 +1,298 @@
+"""Scaling analysis: the paper's optimal-encoder rule, log-log fits, saturating power laws, bootstrap intervals.
+
+NaViL (§3.3) trains a grid of LLM sizes × visual-encoder sizes × data budgets and reads two things off it:
+
+* with the LLM fixed, the validation loss falls as the encoder grows until the gain from doubling the
+  encoder is negligible — the **optimal encoder** of that LLM is the smallest encoder ``V`` whose loss
+  differs from that of the encoder ``2V`` by less than ``λ`` (1 %) of a reference loss, the loss with the
+  smallest encoder tested (:func:`optimal_encoder`);
+* the optimal encoder grows with the LLM as a power law (a straight line in log-log:
+  0.5B → 0.3B, 1.8B → 0.6B, 7B → 1.2B; :func:`fit_power_law`, :func:`bootstrap_optimal_encoder_fit`).
+
+Loss curves themselves are fitted with a saturating power law ``L = E + A·N^-α`` (optionally ``+ B·D^-β``
+for the data term), by minimising a Huber loss on log residuals with multi-start L-BFGS, as is usual for
+scaling-law fits (:func:`fit_saturating_power_law`, :func:`bootstrap_saturating_power_law`).
+
+Nothing here draws; figures of these results belong to the plotting package.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+#: The paper's tolerance of the optimal-encoder rule (1 %).
+PAPER_LAMBDA = 0.01
+
+
+# ---------------------------------------------------------------------------------------------------
+# straight lines in log-log
+class PowerLaw(NamedTuple):
+    """``y = coefficient · x ** exponent`` (a straight line in log-log axes)."""
+
+    coefficient: float
+    exponent: float
+
+    def predict(self, x: Any) -> np.ndarray:
+        return self.coefficient * np.asarray(x, dtype=float) ** self.exponent
+
+
+def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLaw:
+    """Least-squares fit of ``log y = log c + k log x`` (both in any consistent unit).
+
+    Needs at least two distinct, strictly positive ``x`` values and positive ``y``.
+    """
+    x_arr, y_arr = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x_arr.shape != y_arr.shape or x_arr.ndim != 1:
+        raise ValueError(f"x and y must be 1-D and of equal length, got shapes {x_arr.shape} and {y_arr.shape}")
+    if np.any(x_arr <= 0) or np.any(y_arr <= 0):
+        raise ValueError("a power-law fit needs strictly positive x and y")
+    if np.unique(x_arr).size < 2:
+        raise ValueError("a power-law fit needs at least two distinct x values")
+    exponent, log_c = np.polyfit(np.log(x_arr), np.log(y_arr), deg=1)
+    return PowerLaw(coefficient=float(np.exp(log_c)), exponent=float(exponent))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the optimal-encoder rule
+def optimal_encoder(losses: Mapping[float, float], lam: float = PAPER_LAMBDA,
+                    relative_to: str = "smallest") -> float | None:
+    """The smallest encoder size ``V`` with ``L(V) − L(2V) < λ · L_ref``; None if no size qualifies.
+
+    Args:
+        losses: ``{encoder size: validation loss}`` for one LLM (and one data budget).  Sizes count as
+            doubling when their ratio is within 5 % of 2 (parameter counts of real models are not exact).
+        lam: the tolerance λ (the paper: 1 %).
+        relative_to: ``"smallest"`` — ``L_ref`` is the loss of the smallest encoder in ``losses`` (the
+            paper's definition: "λ of the loss obtained with the smallest encoder"); ``"larger"`` —
+            ``L_ref = L(2V)`` (a relative-gain reading of the rule).
+    Returns:
+        The optimal size, or None when even the largest doubling still gains at least λ (the grid does not
+        reach the optimum: report it as such, not as the largest size).
+    """
+    if relative_to not in ("smallest", "larger"):
+        raise ValueError(f"relative_to must be 'smallest' or 'larger', got {relative_to!r}")
+    if lam <= 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    sizes = sorted(losses)
+    if not sizes:
+        raise ValueError("no encoder sizes given")
+    reference = float(losses[sizes[0]])
+    for size in sizes:
+        doubled = next((s for s in sizes if abs(s / size - 2.0) <= 0.1), None)
+        if doubled is None:
+            continue
+        gap = float(losses[size]) - float(losses[doubled])
+        threshold = lam * (reference if relative_to == "smallest" else float(losses[doubled]))
+        if gap < threshold:
+            return size
+    return None
+
+
+def mean_losses(runs: Any, *, llm: str = "llm_params", encoder: str = "encoder_params",
+                loss: str = "val_loss") -> dict[float, dict[float, float]]:
+    """``{llm size: {encoder size: mean loss over seeds}}`` from a runs table (pandas DataFrame or records)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(runs)
+    missing = [c for c in (llm, encoder, loss) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"the runs table lacks column(s) {missing}")
+    table: dict[float, dict[float, float]] = {}
+    for (n_llm, n_enc), group in frame.groupby([llm, encoder]):
+        table.setdefault(float(n_llm), {})[float(n_enc)] = float(group[loss].mean())
+    return table
+
+
+def optimal_encoders(runs: Any, lam: float = PAPER_LAMBDA, relative_to: str = "smallest",
+                     **columns: str) -> dict[float, float | None]:
+    """The optimal encoder of every LLM size in a runs table (seeds averaged first)."""
+    return {n_llm: optimal_encoder(per_encoder, lam, relative_to)
+            for n_llm, per_encoder in sorted(mean_losses(runs, **columns).items())}
+
+
+@dataclass(frozen=True)
+class OptimalEncoderFit:
+    """Log-log fit of the optimal encoder size against the LLM size, with a bootstrap interval."""
+
+    optima: dict[float, float | None]       # LLM size -> optimal encoder (mean losses)
+    fit: PowerLaw | None                     # on the sizes whose optimum was reached (≥ 2 needed)
+    exponent_interval: tuple[float, float] | None  # bootstrap percentile interval of the exponent
+    bootstrap_optima: dict[float, dict[float | None, int]]  # LLM size -> {optimum: how often}
+    resamples: int                           # bootstrap resamples that gave a fit
+    confidence: float
+
+
+def bootstrap_optimal_encoder_fit(runs: Any, lam: float = PAPER_LAMBDA, relative_to: str = "smallest", *,
+                                  n_boot: int = 1000, confidence: float = 0.9, seed: int = 0,
+                                  llm: str = "llm_params", encoder: str = "encoder_params",
+                                  loss: str = "val_loss", seed_column: str = "seed") -> OptimalEncoderFit:
+    """Optimal encoders, their log-log fit, and a bootstrap over seeds.
+
+    Each resample draws, for every ``(LLM, encoder)`` cell, its seeds with replacement, averages them,
+    re-applies the λ-rule and refits; the exponent's percentile interval and how often each encoder is
+    optimal quantify how much the conclusion depends on seed noise.  Cells with a single seed do not vary.
+    """
+    import pandas as pd
+
+    frame = pd.DataFrame(runs)
+    columns = dict(llm=llm, encoder=encoder, loss=loss)
+    optima = optimal_encoders(frame, lam, relative_to, **columns)
+    fit = _fit_optima(optima)
+    rng = np.random.default_rng(seed)
+    cells = {key: group[loss].to_numpy(dtype=float) for key, group in frame.groupby([llm, encoder])}
+    exponents: list[float] = []
+    counts: dict[float, dict[float | None, int]] = {float(n): {} for n in optima}
+    for _ in range(n_boot):
+        table: dict[float, dict[float, float]] = {}
+        for (n_llm, n_enc), values in cells.items():
+            table.setdefault(float(n_llm), {})[float(n_enc)] = float(rng.choice(values, size=values.size).mean())
+        sample = {n: optimal_encoder(per, lam, relative_to) for n, per in table.items()}
+        for n, opt in sample.items():
+            counts[n][opt] = counts[n].get(opt, 0) + 1
+        resampled = _fit_optima(sample)
+        if resampled is not None:
+            exponents.append(resampled.exponent)
+    interval = None
+    if exponents:
+        tail = 100 * (1 - confidence) / 2
+        interval = (float(np.percentile(exponents, tail)), float(np.percentile(exponents, 100 - tail)))
+    return OptimalEncoderFit(optima, fit, interval, counts, len(exponents), confidence)
+
+
+def _fit_optima(optima: Mapping[float, float | None]) -> PowerLaw | None:
+    reached = {n: v for n, v in optima.items() if v is not None}
+    if len(set(reached)) < 2:
+        return None
+    return fit_power_law(list(reached), list(reached.values()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# saturating power laws
+@dataclass(frozen=True)
+class SaturatingPowerLaw:
+    """``L = E + A·N^-α`` (``+ B·D^-β`` when fitted with a data term)."""
+
+    E: float
+    A: float
+    alpha: float
+    B: float | None = None
+    beta: float | None = None
+
+    def predict(self, n: Any, d: Any = None) -> np.ndarray:
+        loss = self.E + self.A * np.asarray(n, dtype=float) ** -self.alpha
+        if self.B is not None:
+            if d is None:
+                raise ValueError("this law has a data term: pass d")
+            loss = loss + self.B * np.asarray(d, dtype=float) ** -self.beta
+        return loss
+
+
+def _huber(residual, delta: float):
+    import torch
+
+    absolute = residual.abs()
+    return torch.where(absolute <= delta, 0.5 * residual**2, delta * (absolute - 0.5 * delta))
+
+
+def fit_saturating_power_law(n: Sequence[float], loss: Sequence[float], d: Sequence[float] | None = None, *,
+                             huber_delta: float = 1e-3, max_iter: int = 500,
+                             initial: SaturatingPowerLaw | None = None) -> SaturatingPowerLaw:
+    """Fit ``L = E + A·N^-α (+ B·D^-β)`` to losses by multi-start L-BFGS on a Huber loss of log residuals.
+
+    Parameterised as ``L = exp(e) + exp(a − α log N) (+ exp(b − β log D))`` (positive terms, one
+    log-sum-exp), the Huber loss (``huber_delta`` in log units) keeps single outlying runs from
+    dominating, and a grid of starting points (α, β ∈ {0.1, 0.5, 1.5}; e and a around the range of the data) guards
+    against local minima (``initial``: start from that law only, e.g. the full-data fit inside a
+    bootstrap).  Sizes are scaled by their geometric mean internally, so ``A``/``B`` come back in the
+    units of ``n``/``d``.  Needs at least 3 (5 with a data term) points.
+    """
+    import torch
+
+    n_arr, l_arr = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
+    with_data = d is not None
+    d_arr = np.asarray(d, dtype=float) if with_data else None
+    if n_arr.shape != l_arr.shape or n_arr.ndim != 1 or (with_data and d_arr.shape != n_arr.shape):
+        raise ValueError("n, loss (and d) must be 1-D and of equal length")
+    if np.any(n_arr <= 0) or np.any(l_arr <= 0) or (with_data and np.any(d_arr <= 0)):
+        raise ValueError("sizes and losses must be strictly positive")
+    if n_arr.size < (5 if with_data else 3):
+        raise ValueError(f"too few points ({n_arr.size}) for {'5' if with_data else '3'} parameters")
+    n_scale = float(np.exp(np.log(n_arr).mean()))
+    d_scale = float(np.exp(np.log(d_arr).mean())) if with_data else 1.0
+    log_n = torch.tensor(np.log(n_arr / n_scale), dtype=torch.float64)
+    log_d = torch.tensor(np.log(d_arr / d_scale), dtype=torch.float64) if with_data else None
+    log_l = torch.tensor(np.log(l_arr), dtype=torch.float64)
+
+    def objective(params):
+        terms = [params[0].expand_as(log_n), params[1] - params[2] * log_n]
+        if with_data:
+            terms.append(params[3] - params[4] * log_d)
+        return _huber(torch.logsumexp(torch.stack(terms), dim=0) - log_l, huber_delta).sum()
+
+    low, high = float(np.log(l_arr.min())), float(np.log(l_arr.max()))
+    e_starts = (low - 2.0, low - 0.2)
+    a_starts = (high - 1.0, high)
+    exponents = (0.1, 0.5, 1.5)
+    best, best_value = None, math.inf
+    grid = itertools.product(e_starts, a_starts, exponents, *((a_starts, exponents) if with_data else ()))
+    if initial is not None:
+        start = [math.log(initial.E), math.log(initial.A / n_scale**initial.alpha), initial.alpha]
+        if with_data:
+            start += [math.log(initial.B / d_scale**initial.beta), initial.beta]
+        grid = [tuple(start)]
+    for start in grid:
+        params = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+        optimiser = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, tolerance_grad=1e-12,
+                                      tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimiser.zero_grad()
+            value = objective(params)
+            value.backward()
+            return value
+
+        optimiser.step(closure)
+        with torch.no_grad():
+            value = float(objective(params))
+        if math.isfinite(value) and value < best_value:
+            best, best_value = params.detach().clone(), value
+    if best is None:
+        raise RuntimeError("the power-law fit did not converge from any starting point")
+    e, a, alpha = (float(v) for v in best[:3])
+    law = SaturatingPowerLaw(E=math.exp(e), A=math.exp(a) * n_scale**alpha, alpha=alpha)
+    if with_data:
+        b, beta = float(best[3]), float(best[4])
+        law = SaturatingPowerLaw(law.E, law.A, law.alpha, B=math.exp(b) * d_scale**beta, beta=beta)
+    return law
+
+
+def bootstrap_saturating_power_law(n: Sequence[float], loss: Sequence[float], d: Sequence[float] | None = None, *,
+                                   n_boot: int = 200, confidence: float = 0.9, seed: int = 0,
+                                   **fit_kwargs: Any) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of every parameter of :func:`fit_saturating_power_law` over resampled points
+    (each resample is fitted starting from the full-data fit)."""
+    n_arr, l_arr = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
+    d_arr = None if d is None else np.asarray(d, dtype=float)
+    rng = np.random.default_rng(seed)
+    full = fit_saturating_power_law(n_arr, l_arr, d_arr, **fit_kwargs)
+    samples: dict[str, list[float]] = {}
+    minimum = 5 if d is not None else 3
+    for _ in range(n_boot):
+        pick = rng.integers(0, n_arr.size, n_arr.size)
+        if np.unique(n_arr[pick]).size < minimum - (2 if d is not None else 0):
+            continue
+        try:
+            law = fit_saturating_power_law(n_arr[pick], l_arr[pick], None if d_arr is None else d_arr[pick],
+                                           initial=full, **fit_kwargs)
+        except (ValueError, RuntimeError):
+            continue
+        for key, value in vars(law).items():
+            if value is not None:
+                samples.setdefault(key, []).append(value)
+    tail = 100 * (1 - confidence) / 2
+    return {key: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for key, v in samples.items()}

@@ -1,0 +1,124 @@
+"""The scaling analysis on constructed losses with known answers, and on the paper's own points."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from navil_utils.analysis.scaling import (
+    bootstrap_optimal_encoder_fit,
+    bootstrap_saturating_power_law,
+    fit_power_law,
+    fit_saturating_power_law,
+    optimal_encoder,
+    optimal_encoders,
+)
+from navil_utils.paper.tables import load_paper_table
+
+
+def test_optimal_encoder_follows_the_papers_rule():
+    # gaps 0.10, 0.05, 0.005, 0.001; λ·L(smallest) = 0.02 -> the 300M encoder
+    losses = {75: 2.0, 150: 1.9, 300: 1.85, 600: 1.845, 1200: 1.844}
+    assert optimal_encoder(losses) == 300
+    assert optimal_encoder(losses, lam=0.04) == 150       # 0.05 < 0.08: one doubling earlier
+    assert optimal_encoder(losses, lam=0.001) == 600      # 0.001 < 0.002 only at the last doubling
+    assert optimal_encoder(losses, lam=0.0001) is None    # the grid never reaches the optimum
+
+
+def test_reference_loss_of_the_rule_matters():
+    # gap 300->600 = 0.03: below 1% of L(75)=4.0 (0.04) but above 1% of L(600)=1.0 (0.01)
+    losses = {75: 4.0, 150: 2.0, 300: 1.03, 600: 1.0}
+    assert optimal_encoder(losses, relative_to="smallest") == 300
+    assert optimal_encoder(losses, relative_to="larger") is None
+    with pytest.raises(ValueError):
+        optimal_encoder(losses, relative_to="biggest")
+
+
+def test_doubling_tolerates_inexact_parameter_counts():
+    assert optimal_encoder({0.076: 2.0, 0.149: 1.99, 0.31: 1.98}) == 0.076
+    assert optimal_encoder({1.0: 2.0, 3.0: 1.9}) is None  # 3x is not a doubling
+
+
+def _constructed_runs(seeds: int = 3, noise: float = 0.0, rng_seed: int = 0) -> pd.DataFrame:
+    """LLM k ∈ {0, 1, 2} (1M, 4M, 16M parameters), encoders 100k·2^j: doubling the encoder gains 0.1 up to
+    j = k + 1 and 0.001 after, from L = 2.0 at the smallest encoder (λ·L = 0.02) -> optimum 100k·2^(k+1),
+    i.e. the optimal encoder doubles when the LLM grows 4x: exponent exactly 0.5."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for k, n_llm in enumerate((1e6, 4e6, 1.6e7)):
+        loss = 2.0
+        for j in range(6):
+            for seed in range(seeds):
+                rows.append({"llm_params": n_llm, "encoder_params": 1e5 * 2**j, "seed": seed,
+                             "val_loss": loss * (1 + noise * rng.standard_normal())})
+            loss -= 0.1 if j < k + 1 else 0.001
+    return pd.DataFrame(rows)
+
+
+def test_optima_grow_with_the_llm_and_the_fit_finds_the_exponent():
+    runs = _constructed_runs()
+    optima = optimal_encoders(runs)
+    assert optima == {1e6: 2e5, 4e6: 4e5, 1.6e7: 8e5}
+    result = bootstrap_optimal_encoder_fit(runs, n_boot=50)
+    assert result.fit is not None and result.fit.exponent == pytest.approx(0.5, abs=1e-9)  # doubles per 4x LLM
+    low, high = result.exponent_interval
+    assert low == pytest.approx(0.5) and high == pytest.approx(0.5)  # noise-free: every resample agrees
+
+
+def test_bootstrap_interval_widens_with_seed_noise():
+    noisy = bootstrap_optimal_encoder_fit(_constructed_runs(seeds=4, noise=0.01), n_boot=200, seed=1)
+    low, high = noisy.exponent_interval
+    assert low <= 0.5 <= high and high - low > 0
+    assert all(sum(counts.values()) == 200 for counts in noisy.bootstrap_optima.values())
+
+
+def test_the_papers_three_optima_lie_on_a_line_in_log_log():
+    grid = load_paper_table("scaling_grid")
+    best = grid[grid["optimal_encoder"]].drop_duplicates("llm_size_b").sort_values("llm_size_b")
+    fit = fit_power_law(best["llm_size_b"], best["visual_encoder_size_b"])
+    assert list(best["visual_encoder_size_b"]) == [0.3, 0.6, 1.2]
+    assert fit.exponent == pytest.approx(0.525, abs=0.01)
+
+
+def test_saturating_power_law_recovers_a_known_law():
+    n = np.geomspace(1e5, 1e9, 9)
+    law = fit_saturating_power_law(n, 0.5 + 30.0 * n**-0.35)
+    assert law.E == pytest.approx(0.5, rel=1e-3)
+    assert law.A == pytest.approx(30.0, rel=1e-2)
+    assert law.alpha == pytest.approx(0.35, rel=1e-3)
+
+
+def test_saturating_power_law_with_a_data_term():
+    n, d = np.meshgrid(np.geomspace(1e5, 1e8, 5), np.geomspace(1e6, 1e9, 5))
+    n, d = n.ravel(), d.ravel()
+    law = fit_saturating_power_law(n, d=d, loss=0.3 + 20.0 * n**-0.3 + 50.0 * d**-0.25)
+    assert (law.E, law.alpha, law.beta) == pytest.approx((0.3, 0.3, 0.25), rel=1e-2)
+    assert law.predict(1e6, 1e7) == pytest.approx(0.3 + 20.0 * 1e6**-0.3 + 50.0 * 1e7**-0.25, rel=1e-4)
+
+
+def test_huber_loss_resists_one_outlying_run():
+    n = np.geomspace(1e5, 1e9, 12)
+    loss = 0.5 + 30.0 * n**-0.35
+    loss[5] *= 1.5  # one diverged run
+    robust = fit_saturating_power_law(n, loss)
+    least_squares = fit_saturating_power_law(n, loss, huber_delta=10.0)
+    assert abs(robust.alpha - 0.35) < 0.02
+    assert abs(robust.alpha - 0.35) < abs(least_squares.alpha - 0.35)
+
+
+def test_bootstrap_intervals_cover_the_truth():
+    rng = np.random.default_rng(0)
+    n = np.geomspace(1e5, 1e9, 10)
+    loss = (0.5 + 30.0 * n**-0.35) * (1 + 0.005 * rng.standard_normal(n.size))
+    intervals = bootstrap_saturating_power_law(n, loss, n_boot=40, seed=0)
+    low, high = intervals["alpha"]
+    assert low < 0.35 < high and high - low < 0.2
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="too few points"):
+        fit_saturating_power_law([1, 2], [1, 2])
+    with pytest.raises(ValueError, match="positive"):
+        fit_saturating_power_law([1, 2, 3], [1, -2, 3])
+    with pytest.raises(ValueError, match="lacks column"):
+        optimal_encoders(pd.DataFrame({"llm_params": [1]}))
