@@ -156,3 +156,10 @@ def test_embedding_tables_of_both_backbones_get_no_weight_decay(variant):
     matrices = [n for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n]
     assert matrices and not exempt & set(matrices)
     assert all(p.ndim < 2 for n, p in model.named_parameters() if n in exempt and "embed" not in n)
+
+
+def test_resume_message_only_when_resuming(tmp_path, capsys):
+    train(micro_config(tmp_path, total_steps=2))
+    assert "resuming" not in capsys.readouterr().out
+    train(micro_config(tmp_path, total_steps=2))
+    assert "resuming" in capsys.readouterr().out

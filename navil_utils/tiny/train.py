@@ -195,25 +195,29 @@ def _worker_init(_: int) -> None:
 
 @torch.no_grad()
 def evaluate_teacher_forced(model, batches, device: torch.device, bf16: bool | None = None) -> dict[str, Any]:
-    """Exact match per question type with teacher forcing (every answer token must be the argmax)."""
+    """Exact match per question type with teacher forcing (every answer token must be the argmax), the mean
+    batch loss (``eval_loss``) and the loss per answer token over all batches (``eval_token_loss``)."""
     from navil_utils.tiny.data import qa_exact_match
 
     model.eval()
     correct, total = defaultdict(int), defaultdict(int)
-    loss_sum, n = 0.0, 0
+    loss_sum, n, token_loss_sum, tokens = 0.0, 0, 0.0, 0
     for batch in batches:
         batch = batch.to(device)
         with _autocast(device, bf16):
             out = model(**batch.model_inputs())
         loss_sum += float(out.loss)
         n += 1
+        token_loss_sum += float(out.loss) * batch.num_answer_tokens  # the loss is the mean over answer tokens
+        tokens += batch.num_answer_tokens
         for qa, ok in zip(batch.qas, qa_exact_match(out.logits.float(), batch).tolist()):
             total[qa.qtype] += 1
             correct[qa.qtype] += int(ok)
     model.train()
     per_type = {t: correct[t] / total[t] for t in sorted(total)}
     overall = sum(correct.values()) / max(1, sum(total.values()))
-    return {"eval_loss": loss_sum / max(1, n), "eval_overall": overall, "eval_per_type": per_type}
+    return {"eval_loss": loss_sum / max(1, n), "eval_token_loss": token_loss_sum / max(1, tokens),
+            "eval_overall": overall, "eval_per_type": per_type}
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -290,9 +294,9 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     if recover_checkpoint(checkpoint_dir):
         state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
         _truncate_log(out / "log.jsonl", state["step"])
+        print(f"resuming {out} at step {state['step']} ({state['elapsed_seconds'] / 60:.1f} min trained)", flush=True)
     else:  # a run killed before its first checkpoint starts again from step 0: drop its log records
         _truncate_log(out / "log.jsonl", 0)
-        print(f"resuming {out} at step {state['step']} ({state['elapsed_seconds'] / 60:.1f} min trained)", flush=True)
 
     train_batches = StepBatches(config, tokenizer)
     eval_data = StepBatches(config, tokenizer, seed=config.eval_seed)
@@ -335,6 +339,8 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
         scheduler.step()
         state["step"] = step + 1
         state["samples"] += config.batch_size
+        state["tokens"] = state.get("tokens", 0) + int(batch.attention_mask.sum())
+        state["answer_tokens"] = state.get("answer_tokens", 0) + batch.num_answer_tokens
         window_loss += float(loss.detach())
         hits = qa_exact_match(out_.logits.detach().float(), batch)
         window_correct += int(hits.sum())
@@ -343,7 +349,8 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
             progress.update(1)
         if state["step"] % config.log_every == 0 or state["step"] == config.total_steps:
             n = config.log_every if state["step"] % config.log_every == 0 else state["step"] % config.log_every
-            record = {"step": state["step"], "samples": state["samples"], "loss": window_loss / n,
+            record = {"step": state["step"], "samples": state["samples"], "tokens": state["tokens"],
+                      "answer_tokens": state["answer_tokens"], "loss": window_loss / n,
                       "train_acc": window_correct / max(1, window_total), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "stage": curriculum_stage(config, step),
                       "minutes": (time.perf_counter() - start_wall) / 60}

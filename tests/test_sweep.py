@@ -1,0 +1,91 @@
+"""Scaling sweeps: grid expansion, one JSON line per finished run, resume after a kill, same results
+in a process pool as in a single process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from navil_utils.errors import ConfigError
+from navil_utils.tiny.sweep import ScalingRun, expand_grid, read_results, run_sweep
+
+MICRO = {"llm": [[32, 1], [64, 1]], "vit": [[32, 1]], "seeds": [0, 1], "samples": [64, 128], "batch_size": 16,
+         "eval_batches": 2, "warmup_samples": 32, "study": "micro"}
+
+
+def test_expand_grid_builds_every_combination_with_unique_ids():
+    runs = expand_grid(MICRO)
+    assert len(runs) == 4 and len({r.run_id for r in runs}) == 4
+    assert runs[0].run_id == "micro-llm32x1-vit32x1-lr0.001-bs16-n128-s0"
+    assert runs[0].model_overrides()["llm_heads"] == 1 and runs[-1].model_overrides()["llm_kv_heads"] == 1
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        ScalingRun(48, 1, 32, 1, (64,))
+    with pytest.raises(ConfigError, match="multiples of batch_size"):
+        ScalingRun(32, 1, 32, 1, (50,))
+    with pytest.raises(ConfigError, match="unknown sweep options"):
+        expand_grid({**MICRO, "learning_rate": 1})
+    with pytest.raises(ConfigError, match="same run twice"):
+        expand_grid({**MICRO, "seeds": [0, 0]})
+
+
+def test_torn_last_line_is_dropped_and_earlier_damage_is_an_error(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"run_id": "a"}\n{"run_id": "b"')
+    assert [r["run_id"] for r in read_results(path)] == ["a"]
+    assert path.read_text() == '{"run_id": "a"}\n'
+    path.write_text('{"run_id": "a"\n{"run_id": "b"}\n')
+    with pytest.raises(ConfigError, match="line 1"):
+        read_results(path)
+
+
+def _sweep_cli(grid, results, out_root, workers=1):
+    return [sys.executable, "-m", "navil_utils.tiny.sweep", str(grid), "--results", str(results),
+            "--out-root", str(out_root), "--workers", str(workers), "--no-progress"]
+
+
+def test_a_killed_sweep_resumes_losing_and_duplicating_nothing(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(MICRO))
+    straight = tmp_path / "straight.jsonl"
+    done = subprocess.run(_sweep_cli(grid, straight, tmp_path / "runs_straight", workers=2), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    killed = tmp_path / "killed.jsonl"
+    process = subprocess.Popen(_sweep_cli(grid, killed, tmp_path / "runs_killed"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed.exists() and killed.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the next run start, so the kill interrupts it mid-training
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = read_results(killed)
+    assert 1 <= len(partial) < 4
+    resumed = subprocess.run(_sweep_cli(grid, killed, tmp_path / "runs_killed"), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a = {r["run_id"]: r for r in read_results(straight)}
+    b = read_results(killed)
+    assert len(b) == 4 and sorted(r["run_id"] for r in b) == sorted(a)
+    for record in b:  # deterministic training: the same losses, whatever the interruption or process
+        assert record["budgets"] == a[record["run_id"]]["budgets"]
+        assert record["params_total"] == a[record["run_id"]]["params_total"]
+
+
+def test_records_hold_what_a_scaling_analysis_needs(tmp_path):
+    run = ScalingRun(32, 1, 32, 1, (64, 128), batch_size=16, eval_batches=2, warmup_samples=32)
+    (record,) = run_sweep([run], tmp_path / "r.jsonl", out_root=tmp_path / "runs", progress=False)
+    assert record["params_encoder"] < record["params_active"] < record["params_total"]
+    assert [b["samples"] for b in record["budgets"]] == [64, 128]
+    assert record["budgets"][1]["tokens"] > record["budgets"][0]["tokens"] > 0
+    assert 0 < record["budgets"][0]["caption_tokens"] < record["budgets"][0]["tokens"]
+    assert record["val_loss"] == record["budgets"][-1]["val_loss"] < record["budgets"][0]["val_loss"]
+    assert record["device"] == "cpu" and record["train_seconds"] >= 0
+    assert run_sweep([run], tmp_path / "r.jsonl", out_root=tmp_path / "runs", progress=False) == [record]
