@@ -89,3 +89,19 @@ def test_records_hold_what_a_scaling_analysis_needs(tmp_path):
     assert record["val_loss"] == record["budgets"][-1]["val_loss"] < record["budgets"][0]["val_loss"]
     assert record["device"] == "cpu" and record["train_seconds"] >= 0
     assert run_sweep([run], tmp_path / "r.jsonl", out_root=tmp_path / "runs", progress=False) == [record]
+
+
+def test_ray_backend_gives_the_local_results(tmp_path):
+    """Runs as Ray tasks on a local Ray that this test starts and stops: same records as in-process."""
+    import ray
+    runs = expand_grid({**MICRO, "seeds": [0]})
+    local = run_sweep(runs, tmp_path / "local.jsonl", out_root=tmp_path / "local", progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = run_sweep(runs, tmp_path / "ray.jsonl", out_root=tmp_path / "ray", backend="ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert not ray.is_initialized()
+    assert [r["run_id"] for r in remote] == [r["run_id"] for r in local]
+    assert [r["budgets"] for r in remote] == [r["budgets"] for r in local]
+    assert len(read_results(tmp_path / "ray.jsonl")) == len(runs)

@@ -129,14 +129,17 @@ def expand_grid(spec: dict[str, Any]) -> list[ScalingRun]:
 # ---------------------------------------------------------------------------------------------------
 # one run
 def _git_commit() -> str | None:
+    """``HEAD`` of the workbook checkout, with ``+dirty`` when tracked files differ from it."""
     from navil_utils.workbook.paths import repo_root
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True,
-                             timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root(),
+                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def execute_run(run: ScalingRun, out_root: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
@@ -147,7 +150,9 @@ def execute_run(run: ScalingRun, out_root: str | os.PathLike, device: str = "cpu
     from navil_utils.tiny.train import build_model, train
     from navil_utils.tiny.tokenizer import load_tiny_tokenizer
     from navil_utils.workbook.paths import repo_root
+    from navil_utils.workbook.quiet import quiet_libraries
 
+    quiet_libraries()  # no per-run progress bars in the sweep's log
     tokenizer_dir = repo_root() / "data" / "models" / "navil-tiny"
     out = Path(out_root) / run.run_id
     config = run.train_config(out, tokenizer_dir, device)
