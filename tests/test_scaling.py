@@ -122,3 +122,34 @@ def test_bad_inputs_are_refused():
         fit_saturating_power_law([1, 2, 3], [1, -2, 3])
     with pytest.raises(ValueError, match="lacks column"):
         optimal_encoders(pd.DataFrame({"llm_params": [1]}))
+
+
+def _record(llm, enc, seed, losses, samples=(1024, 2048)):
+    return {"params_llm_active": llm, "params_encoder": enc, "seed": seed,
+            "budgets": [{"samples": s, "val_loss": v} for s, v in zip(samples, losses)]}
+
+
+def test_scaling_figures_draw_one_line_per_llm_and_per_run():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from navil_utils.plotting.scaling import plot_loss_vs_data, plot_loss_vs_encoder
+
+    records = [_record(1e6, 1e5, 0, (2.0, 1.5)), _record(1e6, 1e5, 1, (2.2, 1.7)), _record(1e6, 2e5, 0, (1.9, 1.4)),
+               _record(4e6, 1e5, 0, (1.8, 1.3)), _record(4e6, 2e5, 0, (1.7, 1.2))]
+    fig, (left, right) = plt.subplots(1, 2)
+    plot_loss_vs_encoder(records, left, optima={1e6: 2e5})
+    lines = [line for line in left.get_lines() if line.get_linestyle() != "None" and len(line.get_xdata()) > 1]
+    assert len(lines) == 2  # one per LLM size
+    assert list(lines[0].get_ydata()) == [1.6, 1.4]  # seeds averaged at the largest budget
+    assert left.get_xscale() == "log" and "caption loss" in left.get_ylabel()
+    ringed = [line for line in left.get_lines() if line.get_markerfacecolor() == "none"]
+    assert len(ringed) == 1 and list(ringed[0].get_xdata()) == [2e5]
+    plot_loss_vs_encoder(records, left, samples=1024)
+    with pytest.raises(ValueError, match="budget"):
+        plot_loss_vs_encoder(records, left, samples=99)
+    plot_loss_vs_data(records, right)
+    assert len(right.get_lines()) == len(records)
+    plt.close(fig)

@@ -1,0 +1,81 @@
+"""Figures of the workbook's own scaling sweeps (records of :mod:`navil_utils.tiny.sweep`).
+
+    records = read_results("data/scaling/grid.jsonl")
+    plot_loss_vs_encoder(records, ax)        # one line per LLM size (paper Fig. 6 in miniature)
+    plot_loss_vs_data(records, ax)           # one line per run (paper Fig. 1 middle)
+
+Sizes are parameter counts of the built models (encoder = ViT, LLM = active decoder parameters per token).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+
+
+def _llm_colours(sizes: Sequence[float]) -> dict[float, Any]:
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("Blues")
+    ordered = sorted(set(sizes))
+    return {s: cmap(0.45 + 0.5 * i / max(len(ordered) - 1, 1)) for i, s in enumerate(ordered)}
+
+
+def _budget_loss(record: Mapping[str, Any], samples: int | None) -> float | None:
+    budgets = {b["samples"]: b["val_loss"] for b in record["budgets"]}
+    return budgets.get(samples if samples is not None else max(budgets))
+
+
+def plot_loss_vs_encoder(records: Sequence[Mapping[str, Any]], ax: Axes, *, samples: int | None = None,
+                         optima: Mapping[float, float | None] | None = None) -> Axes:
+    """Held-out caption loss against encoder size, one line per LLM size (seeds averaged, min–max as bars).
+
+    ``samples`` selects the data budget (default: each run's largest); ``optima`` (LLM size → optimal encoder,
+    e.g. from :func:`~navil_utils.analysis.scaling.optimal_encoders`) are ringed.
+    """
+    cells: dict[tuple[float, float], list[float]] = {}
+    for record in records:
+        loss = _budget_loss(record, samples)
+        if loss is not None:
+            cells.setdefault((float(record["params_llm_active"]), float(record["params_encoder"])), []).append(loss)
+    if not cells:
+        raise ValueError("no run has the requested budget")
+    colours = _llm_colours([llm for llm, _ in cells])
+    for llm in sorted(colours):
+        encoders = sorted(enc for l_, enc in cells if l_ == llm)
+        values = [cells[(llm, enc)] for enc in encoders]
+        means = np.array([np.mean(v) for v in values])
+        spread = np.array([[m - min(v), max(v) - m] for m, v in zip(means, values)]).T
+        ax.errorbar(encoders, means, yerr=spread, marker="o", color=colours[llm], capsize=3,
+                    label=f"LLM {llm / 1e6:.2f}M active params")
+        best = (optima or {}).get(llm)
+        if best is not None:
+            ax.plot([best], [means[encoders.index(best)]], marker="o", markersize=13, markerfacecolor="none",
+                    markeredgecolor="black", linestyle="none")
+    ax.set_xscale("log")
+    ax.set_xlabel("visual encoder size (parameters, log scale)")
+    ax.set_ylabel("held-out caption loss (nats / token)")
+    budget = f"{samples:,} samples" if samples is not None else "largest budget"
+    ax.set_title(f"Loss vs encoder size per LLM ({budget})")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_loss_vs_data(records: Sequence[Mapping[str, Any]], ax: Axes) -> Axes:
+    """Held-out caption loss against training samples seen, one line per run (colour: LLM size)."""
+    if not records:
+        raise ValueError("no runs to plot")
+    colours = _llm_colours([float(r["params_llm_active"]) for r in records])
+    for record in records:
+        samples = [b["samples"] for b in record["budgets"]]
+        losses = [b["val_loss"] for b in record["budgets"]]
+        ax.plot(samples, losses, marker=".", color=colours[float(record["params_llm_active"])], alpha=0.8,
+                label=f"LLM {record['params_llm_active'] / 1e6:.2f}M, ViT {record['params_encoder'] / 1e6:.2f}M")
+    ax.set_xscale("log")
+    ax.set_xlabel("training samples seen (log scale)")
+    ax.set_ylabel("held-out caption loss (nats / token)")
+    ax.set_title("Loss vs data, every run")
+    ax.legend(fontsize=7, ncol=2)
+    return ax
