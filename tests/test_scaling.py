@@ -153,3 +153,12 @@ def test_scaling_figures_draw_one_line_per_llm_and_per_run():
     plot_loss_vs_data(records, right)
     assert len(right.get_lines()) == len(records)
     plt.close(fig)
+
+
+def test_nominal_encoder_size_is_the_papers_convention():
+    from navil_utils.analysis.scaling import nominal_encoder_size
+
+    # the paper's depth/width pairs at "600M": 12·d·w² = 604M, 597M, 604M, 624M, 604M
+    sizes = [nominal_encoder_size(w, d) for d, w in ((3, 4096), (6, 2880), (12, 2048), (24, 1472), (48, 1024))]
+    assert [round(s / 1e6) for s in sizes] == [604, 597, 604, 624, 604]
+    assert nominal_encoder_size(64, 8) == 2 * nominal_encoder_size(64, 4)

@@ -59,6 +59,13 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLaw:
 
 # ---------------------------------------------------------------------------------------------------
 # the optimal-encoder rule
+def nominal_encoder_size(width: int, layers: int) -> int:
+    """``12 · layers · width²``: the transformer parameters of a ViT, the paper's size convention (its
+    600M encoders are 12·d·w² for d3-w4096 … d48-w1024).  Unlike the exact count it leaves out the patch
+    embedding, which is a large fixed share of a miniature ViT, so doubling the depth doubles this size."""
+    return 12 * int(layers) * int(width) ** 2
+
+
 def optimal_encoder(losses: Mapping[float, float], lam: float = PAPER_LAMBDA,
                     relative_to: str = "smallest") -> float | None:
     """The smallest encoder size ``V`` with ``L(V) − L(2V) < λ · L_ref``; None if no size qualifies.
