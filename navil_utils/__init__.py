@@ -89,7 +89,7 @@ _register("navil_utils.plotting.evaluation", "plot_scale_ablation", "plot_qa_gal
 _register("navil_utils.paper.tables", "load_paper_table", "available_paper_tables", "benchmark_matrix",
           "recompute_average", "percent_scores", "architecture_summary")
 _register("navil_utils.analysis.scaling", "fit_power_law", "PowerLaw", "optimal_encoder", "optimal_encoders",
-          "nominal_encoder_size",
+          "nominal_encoder_size", "sweep_frame",
           "bootstrap_optimal_encoder_fit", "fit_saturating_power_law", "bootstrap_saturating_power_law",
           "SaturatingPowerLaw")
 # embedded tiny model

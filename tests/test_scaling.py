@@ -162,3 +162,14 @@ def test_nominal_encoder_size_is_the_papers_convention():
     sizes = [nominal_encoder_size(w, d) for d, w in ((3, 4096), (6, 2880), (12, 2048), (24, 1472), (48, 1024))]
     assert [round(s / 1e6) for s in sizes] == [604, 597, 604, 624, 604]
     assert nominal_encoder_size(64, 8) == 2 * nominal_encoder_size(64, 4)
+
+
+def test_sweep_frame_uses_nominal_encoder_sizes_and_selects_a_budget():
+    from navil_utils.analysis.scaling import sweep_frame
+
+    record = {"run_id": "r", "seed": 0, "lr": 1e-3, "params_llm_active": 1000, "params_encoder": 60000,
+              "params_total": 99999, "vit_width": 64, "vit_layers": 2,
+              "budgets": [{"samples": 64, "val_loss": 2.0}, {"samples": 128, "val_loss": 1.5}]}
+    frame = sweep_frame([record])
+    assert list(frame["samples"]) == [64, 128] and set(frame["encoder_params"]) == {12 * 2 * 64**2}
+    assert list(sweep_frame([record], samples=128)["val_loss"]) == [1.5]

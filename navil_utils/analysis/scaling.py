@@ -100,6 +100,28 @@ def optimal_encoder(losses: Mapping[float, float], lam: float = PAPER_LAMBDA,
     return None
 
 
+def sweep_frame(records: Sequence[Mapping[str, Any]], samples: int | None = None):
+    """Sweep records (:mod:`navil_utils.tiny.sweep`) as a runs table for the functions below.
+
+    One row per run and budget (or only ``samples``): ``run_id, seed, lr, samples, val_loss``,
+    ``llm_params`` (active decoder parameters per token), ``encoder_params`` (nominal 12·d·w², see
+    :func:`nominal_encoder_size`), ``encoder_params_exact`` and ``params_total``.
+    """
+    import pandas as pd
+
+    rows = []
+    for record in records:
+        for budget in record["budgets"]:
+            if samples is not None and budget["samples"] != samples:
+                continue
+            rows.append({"run_id": record["run_id"], "seed": record["seed"], "lr": record["lr"],
+                         "samples": budget["samples"], "val_loss": budget["val_loss"],
+                         "llm_params": record["params_llm_active"],
+                         "encoder_params": nominal_encoder_size(record["vit_width"], record["vit_layers"]),
+                         "encoder_params_exact": record["params_encoder"], "params_total": record["params_total"]})
+    return pd.DataFrame(rows)
+
+
 def mean_losses(runs: Any, *, llm: str = "llm_params", encoder: str = "encoder_params",
                 loss: str = "val_loss") -> dict[float, dict[float, float]]:
     """``{llm size: {encoder size: mean loss over seeds}}`` from a runs table (pandas DataFrame or records)."""
