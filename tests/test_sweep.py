@@ -105,3 +105,14 @@ def test_ray_backend_gives_the_local_results(tmp_path):
     assert [r["run_id"] for r in remote] == [r["run_id"] for r in local]
     assert [r["budgets"] for r in remote] == [r["budgets"] for r in local]
     assert len(read_results(tmp_path / "ray.jsonl")) == len(runs)
+
+
+def test_explicit_runs_take_the_shared_seed_and_lr():
+    spec = {"samples": [64], "seeds": [1, 2], "lr": 0.002,
+            "runs": [{"llm_width": 32, "llm_layers": 1, "vit_width": 32, "vit_layers": 1},
+                     {"llm_width": 64, "llm_layers": 1, "vit_width": 32, "vit_layers": 1, "lr": 0.004}]}
+    runs = expand_grid(spec)
+    assert [(r.llm_width, r.seed, r.lr) for r in runs] == [(32, 1, 0.002), (32, 2, 0.002), (64, 1, 0.004),
+                                                         (64, 2, 0.004)]
+    single = {k: v for k, v in spec.items() if k != "seeds"}
+    assert [r.seed for r in expand_grid({**single, "seed": 3})] == [3, 3]

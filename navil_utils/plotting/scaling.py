@@ -55,12 +55,20 @@ def plot_loss_vs_encoder(records: Sequence[Mapping[str, Any]], ax: Axes, *, samp
             ax.plot([best], [means[encoders.index(best)]], marker="o", markersize=13, markerfacecolor="none",
                     markeredgecolor="black", linestyle="none")
     ax.set_xscale("log")
+    sizes = sorted({enc for _, enc in cells})
+    ax.set_xticks(sizes, [_short(v) for v in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("visual encoder size (parameters, log scale)")
     ax.set_ylabel("held-out caption loss (nats / token)")
     budget = f"{samples:,} samples" if samples is not None else "largest budget"
     ax.set_title(f"Loss vs encoder size per LLM ({budget})")
     ax.legend(fontsize=8)
     return ax
+
+
+def _short(count: float) -> str:
+    """``49152 -> "49k"``, ``1.5e6 -> "1.5M"``."""
+    return f"{count / 1e6:.3g}M" if count >= 1e6 else f"{count / 1e3:.3g}k"
 
 
 def plot_loss_vs_data(records: Sequence[Mapping[str, Any]], ax: Axes) -> Axes:

@@ -100,8 +100,9 @@ class ScalingRun:
 
 def expand_grid(spec: dict[str, Any]) -> list[ScalingRun]:
     """Runs of a grid spec: ``llm`` and ``vit`` lists of ``[width, layers]``, ``samples`` (budgets),
-    optional ``lrs`` / ``seeds`` lists and any other :class:`ScalingRun` field as a shared value.
-    A spec may also list explicit ``runs`` (dicts of fields, shared values applied first)."""
+    optional ``lrs`` / ``seeds`` lists (or single ``lr`` / ``seed``) and any other :class:`ScalingRun` field
+    as a shared value.  A spec may also list explicit ``runs`` (dicts of fields): each is repeated for every
+    seed and takes the shared values unless it sets its own."""
     spec = dict(spec)
     explicit = spec.pop("runs", None)
     llms, vits = spec.pop("llm", None), spec.pop("vit", None)
@@ -111,8 +112,8 @@ def expand_grid(spec: dict[str, Any]) -> list[ScalingRun]:
     if unknown:
         raise ConfigError(f"unknown sweep options {unknown}")
     runs = []
-    if explicit is not None:
-        runs += [ScalingRun(**{**spec, **run}) for run in explicit]
+    if explicit is not None:  # explicit runs take the shared lr unless they set one, and every seed
+        runs += [ScalingRun(**{**spec, "lr": lrs[0], "seed": seed, **run}) for run in explicit for seed in seeds]
     if llms is not None or vits is not None:
         if not llms or not vits:
             raise ConfigError("a grid needs both 'llm' and 'vit' lists of [width, layers]")
