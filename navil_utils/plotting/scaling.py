@@ -72,16 +72,26 @@ def _short(count: float) -> str:
 
 
 def plot_loss_vs_data(records: Sequence[Mapping[str, Any]], ax: Axes) -> Axes:
-    """Held-out caption loss against training samples seen, one line per run (colour: LLM size)."""
+    """Held-out caption loss against training samples seen, one line per run (colour: LLM size, line
+    style: encoder size; runs of another study or seed say so in the legend)."""
     if not records:
         raise ValueError("no runs to plot")
     colours = _llm_colours([float(r["params_llm_active"]) for r in records])
-    for record in records:
+    encoders = sorted({float(r["params_encoder"]) for r in records})
+    styles = ["-", "--", ":", "-."]
+    for record in sorted(records, key=lambda r: (r["params_llm_active"], r["params_encoder"], r.get("seed", 0))):
         samples = [b["samples"] for b in record["budgets"]]
         losses = [b["val_loss"] for b in record["budgets"]]
-        ax.plot(samples, losses, marker=".", color=colours[float(record["params_llm_active"])], alpha=0.8,
-                label=f"LLM {record['params_llm_active'] / 1e6:.2f}M, ViT {record['params_encoder'] / 1e6:.2f}M")
+        extra = [] if record.get("study", "grid") == "grid" else [record["study"]]
+        extra += [f"seed {record['seed']}"] if record.get("seed", 0) else []
+        label = f"LLM {_short(record['params_llm_active'])}, ViT {_short(record['params_encoder'])}"
+        ax.plot(samples, losses, marker=".", color=colours[float(record["params_llm_active"])],
+                linestyle=styles[encoders.index(float(record["params_encoder"])) % len(styles)],
+                label=label + (f" ({', '.join(extra)})" if extra else ""))
     ax.set_xscale("log")
+    ticks = sorted({b["samples"] for r in records for b in r["budgets"]})
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("training samples seen (log scale)")
     ax.set_ylabel("held-out caption loss (nats / token)")
     ax.set_title("Loss vs data, every run")
