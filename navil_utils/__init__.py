@@ -48,7 +48,7 @@ def _register(module: str, *names: str) -> None:
 
 # workbook: notebooks, paths, figures
 _register("navil_utils.workbook.notebook", "setup_notebook", "resolve_model_path")
-_register("navil_utils.workbook.paths", "repo_root", "data_dir", "figures_dir")
+_register("navil_utils.paths", "repo_root", "data_dir", "figures_dir")
 _register("navil_utils.plotting.style", "save_figure")
 # errors
 _register("navil_utils.errors", "NaViLError", "ImageLoadError", "CheckpointError", "ConfigError", "OfflineError")

@@ -2,7 +2,7 @@
 
 The notebooks save every figure with ``navil_utils.save_figure``; under test they must not rewrite the
 tracked ``figures/`` (running the tests never modifies the repository).  The kernels nbval starts inherit
-this process's environment, so ``$NAVIL_FIGURES_DIR`` set here reaches ``navil_utils.workbook.paths.figures_dir``.
+this process's environment, so ``$NAVIL_FIGURES_DIR`` set here reaches ``navil_utils.paths.figures_dir``.
 ``make run`` is what regenerates ``figures/``.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 
-from navil_utils.workbook.paths import FIGURES_DIR_ENV
+from navil_utils.paths import FIGURES_DIR_ENV
 
 _state: dict[str, str | None] = {}
 

@@ -178,7 +178,7 @@ def test_figures_dir_follows_the_environment(tmp_path, monkeypatch):
     """``$NAVIL_FIGURES_DIR`` redirects save_figure (nbval runs use it to leave figures/ untouched)."""
     import matplotlib.pyplot as plt
 
-    from navil_utils.workbook.paths import FIGURES_DIR_ENV, figures_dir, repo_root
+    from navil_utils.paths import FIGURES_DIR_ENV, figures_dir, repo_root
 
     monkeypatch.delenv(FIGURES_DIR_ENV, raising=False)
     assert figures_dir() == repo_root() / "figures"
@@ -197,7 +197,7 @@ def test_nbval_session_writes_figures_to_a_temporary_directory():
     """notebooks/conftest.py is what keeps ``pytest --nbval`` from rewriting the tracked figures."""
     import importlib.util
 
-    from navil_utils.workbook.paths import FIGURES_DIR_ENV, repo_root
+    from navil_utils.paths import FIGURES_DIR_ENV, repo_root
 
     spec = importlib.util.spec_from_file_location("nbval_conftest", repo_root() / "notebooks" / "conftest.py")
     module = importlib.util.module_from_spec(spec)

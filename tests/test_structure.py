@@ -39,7 +39,7 @@ MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 def test_top_level_holds_only_the_api_errors_constants_chat_and_command_lines():
     top = {p.name for p in PACKAGE.glob("*.py")}
-    assert top == {"__init__.py", "errors.py", "constants.py", "chatting.py", "train.py", "evaluate.py"}
+    assert top == {"__init__.py", "errors.py", "constants.py", "paths.py", "chatting.py", "train.py", "evaluate.py"}
     scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == {"navil-train", "navil-evaluate", "navil-run-notebooks"}
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == SUBPACKAGES
@@ -115,7 +115,7 @@ def test_setup_notebook_does_not_silence_a_users_warnings():
 
 def test_files_are_found_or_a_clear_error_says_what_is_missing(tmp_path, monkeypatch):
     from navil_utils.errors import NaViLError, WorkbookFilesError
-    from navil_utils.workbook import paths
+    from navil_utils import paths
 
     root = paths.repo_root()
     assert (root / "data" / "paper").is_dir() and (root / "tests" / "fixtures" / "golden").is_dir()

@@ -25,7 +25,7 @@ from navil_utils.tiny.data import (
 )
 from navil_utils.tiny.synthetic import SyntheticVQA
 from navil_utils.tiny.tokenizer import load_tiny_tokenizer
-from navil_utils.workbook.paths import data_dir
+from navil_utils.paths import data_dir
 
 BUDGET = dict(min_pixels=32 * 32, max_pixels=128 * 128)
 

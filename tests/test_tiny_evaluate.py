@@ -10,7 +10,7 @@ from navil_utils.errors import ConfigError
 from navil_utils.processing.multiscale import preprocess_multiscale
 from navil_utils.tiny.evaluate import EvalResult, evaluate_model, main, select_scales
 from navil_utils.tiny.synthetic import SyntheticVQA
-from navil_utils.workbook.paths import repo_root
+from navil_utils.paths import repo_root
 
 TINY = repo_root() / "data" / "models" / "navil-tiny"
 

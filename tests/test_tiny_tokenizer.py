@@ -19,7 +19,7 @@ from navil_utils.tiny.tokenizer import (
     tiny_corpus,
     train_tiny_tokenizer,
 )
-from navil_utils.workbook.paths import data_dir
+from navil_utils.paths import data_dir
 
 SHIPPED = data_dir() / "models" / "navil-tiny"
 GRIDS = [(1, 4, 6), (1, 6, 8)]  # two scales of one image, (t, h, w) in patches

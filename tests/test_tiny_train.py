@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from navil_utils.errors import ConfigError
 from navil_utils.tiny.train import TrainConfig, curriculum_stage, lr_factor, train
-from navil_utils.workbook.paths import repo_root
+from navil_utils.paths import repo_root
 
 MICRO_MODEL = {"vit_width": 32, "vit_layers": 1, "vit_heads": 2, "llm_width": 64, "llm_layers": 1,
                "llm_heads": 2, "llm_kv_heads": 1, "llm_intermediate": 128}

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from navil_utils.errors import PaperDataError
-from navil_utils.workbook.paths import data_dir
+from navil_utils.paths import data_dir
 
 _TEXT = "text"
 _FLOAT = "float64"

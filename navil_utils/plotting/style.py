@@ -9,7 +9,7 @@ from pathlib import Path
 
 import matplotlib
 
-from navil_utils.workbook.paths import figures_dir
+from navil_utils.paths import figures_dir
 
 #: Default figure size (inches) and resolution of every workbook figure.
 FIGSIZE = (7.0, 4.0)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from navil_utils.errors import CheckpointError
-from navil_utils.workbook.paths import repo_root
+from navil_utils.paths import repo_root
 
 GOLDEN_VARIANTS: tuple[str, ...] = ("internlm2_ve", "qwen3_ve")
 

@@ -17,7 +17,7 @@ import torch
 
 from navil_utils.errors import CheckpointError
 from navil_utils.reference.fixtures import GOLDEN_VARIANTS, golden_dir, read_meta
-from navil_utils.workbook.paths import repo_root
+from navil_utils.paths import repo_root
 
 
 @dataclass

@@ -131,7 +131,7 @@ def expand_grid(spec: dict[str, Any]) -> list[ScalingRun]:
 # one run
 def _git_commit() -> str | None:
     """``HEAD`` of the workbook checkout, with ``+dirty`` when tracked files differ from it."""
-    from navil_utils.workbook.paths import repo_root
+    from navil_utils.paths import repo_root
 
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True,
@@ -150,7 +150,7 @@ def execute_run(run: ScalingRun, out_root: str | os.PathLike, device: str = "cpu
     from navil_utils.analysis.parameters import count_parameters
     from navil_utils.tiny.train import build_model, train
     from navil_utils.tiny.tokenizer import load_tiny_tokenizer
-    from navil_utils.workbook.paths import repo_root
+    from navil_utils.paths import repo_root
     from navil_utils.workbook.quiet import quiet_libraries
 
     quiet_libraries()  # no per-run progress bars in the sweep's log

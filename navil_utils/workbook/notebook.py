@@ -5,7 +5,7 @@ import os
 import random
 from pathlib import Path
 
-from navil_utils.workbook.paths import repo_root
+from navil_utils.paths import repo_root
 from navil_utils.workbook.quiet import quiet_libraries
 
 #: Environment variable that points every notebook at another checkpoint (e.g. real NaViL-2B/9B).

@@ -11,8 +11,8 @@ FIGURES_DIR_ENV = "NAVIL_FIGURES_DIR"
 #: Environment variable naming the workbook checkout, for a non-editable install of navil_utils.
 REPO_ROOT_ENV = "NAVIL_WORKBOOK_ROOT"
 
-#: The checkout that holds this package (``navil_utils/workbook/paths.py`` → two levels up).
-_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+#: The checkout that holds this package (``navil_utils/paths.py`` → one level up).
+_SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _is_workbook(path: Path) -> bool:
