@@ -100,7 +100,7 @@ def count_parameters(model) -> ParameterCounts:
     for name, param in model.named_parameters():
         components[parameter_component(name)] += param.numel()
     total = sum(components.values())
-    if components["text_experts"] != components["visual_experts"]:
+    if components["visual_experts"] and components["text_experts"] != components["visual_experts"]:
         raise ValueError(f"text experts ({components['text_experts']}) and visual experts "
                          f"({components['visual_experts']}) differ in size: 'active' would be ambiguous")
     return ParameterCounts(total=total, active=total - components["visual_experts"], components=components)
@@ -139,7 +139,7 @@ def expected_parameter_counts(config) -> ParameterCounts:
         "token_embeddings": v * h,
         "lm_head": 0 if llm.get("tie_word_embeddings") else v * h,
         "text_experts": layers * expert,
-        "visual_experts": layers * expert,
+        "visual_experts": layers * expert if llm.get("visual_experts", True) else 0,
         "shared_norms": layers * 2 * h + h,
     }
     total = sum(components.values())

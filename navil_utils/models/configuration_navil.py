@@ -120,10 +120,12 @@ class _VELanguageConfig(PreTrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise; ``layer_types`` is omitted when it is the one derived from the other fields, so that an
-        edited copy (e.g. another ``num_hidden_layers``) stays consistent."""
+        edited copy (e.g. another ``num_hidden_layers``) stays consistent, and ``visual_experts`` when True."""
         output = super().to_dict()
         if output.get("layer_types") == self.default_layer_types():
             output.pop("layer_types")
+        if output.get("visual_experts", True):  # the official format has no such field: experts always on
+            output.pop("visual_experts", None)
         return output
 
     def _finish(self) -> None:
@@ -169,6 +171,7 @@ class InternLM2VEConfig(_VELanguageConfig):
     rope_parameters: dict | None = None
     skip_final_norm_weight: bool = False
     layer_types: list[str] | None = None
+    visual_experts: bool = True        # False: a dense LLM (ablation; no ``*_ve`` weights, every token on one path)
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -221,6 +224,7 @@ class Qwen3VEConfig(_VELanguageConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    visual_experts: bool = True        # False: a dense LLM (ablation; no ``*_ve`` weights, every token on one path)
 
     def default_layer_types(self) -> list[str]:
         slides = self.use_sliding_window and self.sliding_window is not None

@@ -76,7 +76,8 @@ class VEDecoderForCausalLM(PreTrainedModel):
             attention_mask: ``(B, past + T)`` 1/0 padding mask (or a prepared 4-D mask), optional.
             position_ids: ``(B, T)``; default ``past + arange(T)``.
             cache: a transformers ``Cache`` (created when ``use_cache`` and None).
-            visual_token_mask: ``(B, T)`` bool, True → visual experts; None → text experts for all.
+            visual_token_mask: ``(B, T)`` bool, True → visual experts; None → text experts for all (also
+                ignored by a dense LLM, ``config.visual_experts=False``).
             logits_to_keep: 0 = all positions, k = last k positions.
             attention_kwargs: passed unchanged to every layer's attention function (with the module, whose
                 ``layer_idx`` names the layer), e.g. options of a registered attention-recording function.
@@ -99,7 +100,7 @@ class VEDecoderForCausalLM(PreTrainedModel):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         attention_name = resolve_attention_implementation(self.config, output_attentions)
-        router = ModalityRouter(visual_token_mask)
+        router = ModalityRouter(visual_token_mask if self.config.visual_experts else None)
         position_embeddings = model.rotary_emb(inputs_embeds, position_ids)
 
         hidden = inputs_embeds

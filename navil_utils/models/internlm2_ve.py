@@ -66,9 +66,12 @@ class InternLM2VEAttention(nn.Module):
         self.scaling = self.head_dim ** -0.5
         qkv_out = (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
         self.wqkv = nn.Linear(config.hidden_size, qkv_out, bias=config.bias)
-        self.wqkv_ve = nn.Linear(config.hidden_size, qkv_out, bias=config.bias)
         self.wo = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.bias)
-        self.wo_ve = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.bias)
+        if config.visual_experts:
+            self.wqkv_ve = nn.Linear(config.hidden_size, qkv_out, bias=config.bias)
+            self.wo_ve = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.bias)
+        else:  # dense LLM: the router never calls a visual expert
+            self.wqkv_ve = self.wo_ve = None
 
     def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unpack the interleaved ``(B, T, (nh + 2·nkv)·hd)`` projection into q ``(B, nh, T, hd)``, k, v."""
@@ -115,7 +118,7 @@ class InternLM2VEDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.attention = InternLM2VEAttention(config, layer_idx)
         self.feed_forward = InternLM2VEMLP(config)
-        self.feed_forward_ve = InternLM2VEMLP(config)
+        self.feed_forward_ve = InternLM2VEMLP(config) if config.visual_experts else None
         self.attention_norm = NaViLRMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
         self.ffn_norm = NaViLRMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
 

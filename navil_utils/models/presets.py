@@ -193,8 +193,11 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
                       llm_width: int = 192, llm_layers: int = 4, llm_heads: int = 4, llm_kv_heads: int = 2,
                       llm_intermediate: int = 512, patch_size: int = 16,
                       min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
-                      system_message: str | None = None) -> dict[str, Any]:
+                      system_message: str | None = None, visual_experts: bool = True) -> dict[str, Any]:
     """The tiny NaViL's ``config.json`` content, in the official NaViL format (Qwen3-VE backbone).
+
+    ``visual_experts=False`` builds a dense LLM instead (one set of weights for every token; an ablation,
+    not a NaViL): its ``llm_config`` then carries ``"visual_experts": false``.
 
     ``min_dynamic_patch``/``max_dynamic_patch`` encode the pixel budget in units of ``patch_size²``.
     """
@@ -248,6 +251,7 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
             "use_sliding_window": False,
             "tie_word_embeddings": False,
             "bos_token_id": None,
+            **({} if visual_experts else {"visual_experts": False}),
         },
     }
     if special_token_ids:

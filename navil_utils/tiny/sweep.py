@@ -47,7 +47,9 @@ class ScalingRun:
     Widths must be multiples of :data:`HEAD_DIM`; the LLM's MLP is 4× its width with half as many
     key/value heads as query heads (at least one), the ViT's MLP 4× its width.  ``samples`` are the data
     budgets (training samples seen) at which the held-out caption loss is recorded; the run trains to the
-    largest one.
+    largest one.  ``visual_experts=False`` trains a dense LLM (same active parameters, no visual experts);
+    ``text_pretrain_samples > 0`` first trains the LLM alone on that many caption texts (see
+    :mod:`navil_utils.tiny.text_pretraining`) and starts the multimodal run from it.
     """
 
     llm_width: int
@@ -61,11 +63,15 @@ class ScalingRun:
     warmup_samples: int = 1024
     eval_batches: int = 8
     study: str = "grid"
+    visual_experts: bool = True        # False: dense LLM (the modality-experts ablation, paper Fig. 3)
+    text_pretrain_samples: int = 0     # > 0: LLM initialised from a text-only LM on this many captions (Fig. 2)
 
     def __post_init__(self) -> None:
         for name in ("llm_width", "vit_width"):
             if getattr(self, name) % HEAD_DIM or getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive multiple of {HEAD_DIM}")
+        if self.text_pretrain_samples < 0:
+            raise ConfigError(f"text_pretrain_samples must be >= 0, got {self.text_pretrain_samples}")
         if not self.samples or any(s % self.batch_size for s in self.samples):
             raise ConfigError(f"budgets {self.samples} must be non-empty multiples of batch_size={self.batch_size}")
         object.__setattr__(self, "samples", tuple(sorted(int(s) for s in self.samples)))
@@ -73,16 +79,20 @@ class ScalingRun:
     @property
     def run_id(self) -> str:
         """Readable and unique within a sweep: every field that changes the result is in it."""
-        return (f"{self.study}-llm{self.llm_width}x{self.llm_layers}-vit{self.vit_width}x{self.vit_layers}"
+        variant = ("" if self.visual_experts else "-dense") + (
+            f"-textinit{self.text_pretrain_samples}" if self.text_pretrain_samples else "")
+        return (f"{self.study}-llm{self.llm_width}x{self.llm_layers}-vit{self.vit_width}x{self.vit_layers}{variant}"
                 f"-lr{self.lr:g}-bs{self.batch_size}-n{self.samples[-1]}-s{self.seed}")
 
     def model_overrides(self) -> dict[str, Any]:
         llm_heads, vit_heads = self.llm_width // HEAD_DIM, self.vit_width // HEAD_DIM
         return {"llm_width": self.llm_width, "llm_layers": self.llm_layers, "llm_heads": llm_heads,
                 "llm_kv_heads": max(1, llm_heads // 2), "llm_intermediate": 4 * self.llm_width,
-                "vit_width": self.vit_width, "vit_layers": self.vit_layers, "vit_heads": vit_heads}
+                "vit_width": self.vit_width, "vit_layers": self.vit_layers, "vit_heads": vit_heads,
+                **({} if self.visual_experts else {"visual_experts": False})}
 
-    def train_config(self, out: str | os.PathLike, tokenizer: str | os.PathLike, device: str = "cpu"):
+    def train_config(self, out: str | os.PathLike, tokenizer: str | os.PathLike, device: str = "cpu",
+                     init_from: str | os.PathLike | None = None):
         """The :class:`~navil_utils.tiny.train.TrainConfig` of this run (captions only, constant lr)."""
         import math
 
@@ -95,7 +105,8 @@ class ScalingRun:
             min_lr_ratio=1.0, warmup_steps=max(1, self.warmup_samples // self.batch_size),
             curriculum=((0.0, {"caption": 1.0}),), log_every=every, eval_every=every,
             eval_batches=self.eval_batches, checkpoint_every=every, device=device, threads=1, num_workers=0,
-            model=self.model_overrides(), tokenizer=str(tokenizer), progress=False)
+            model=self.model_overrides(), tokenizer=str(tokenizer), progress=False,
+            init_from=None if init_from is None else str(init_from))
 
 
 def expand_grid(spec: dict[str, Any]) -> list[ScalingRun]:
@@ -156,8 +167,9 @@ def execute_run(run: ScalingRun, out_root: str | os.PathLike, device: str = "cpu
     quiet_libraries()  # no per-run progress bars in the sweep's log
     tokenizer_dir = repo_root() / "data" / "models" / "navil-tiny"
     out = Path(out_root) / run.run_id
-    config = run.train_config(out, tokenizer_dir, device)
     start = time.perf_counter()
+    pretraining = _text_pretrained_init(run, out, tokenizer_dir) if run.text_pretrain_samples else None
+    config = run.train_config(out, tokenizer_dir, device, init_from=out / "text_init" if pretraining else None)
     train(config)
     wall = time.perf_counter() - start
     counts = count_parameters(build_model(config, load_tiny_tokenizer(tokenizer_dir)))
@@ -177,8 +189,41 @@ def execute_run(run: ScalingRun, out_root: str | os.PathLike, device: str = "cpu
         "params_total": counts.total, "params_active": counts.active, "params_encoder": counts.vision_encoder,
         "params_llm_active": counts.llm_active, "budgets": budgets, "val_loss": budgets[-1]["val_loss"],
         "train_seconds": round(float(state.get("elapsed_seconds", wall)), 1), "device": device,
+        **({"text_pretraining": pretraining} if pretraining else {}),
         "torch": torch.__version__, "git_commit": _git_commit(),
     }
+
+
+def _text_pretrained_init(run: ScalingRun, out: Path, tokenizer_dir: Path) -> dict[str, float]:
+    """Write ``<out>/text_init/model.safetensors``: the run's fresh model with a text-pretrained LLM
+    (visual experts copied from the text experts); reuse it when a resumed run already made it."""
+    from safetensors.torch import save_file
+
+    from navil_utils.tiny.data import TinyCollator
+    from navil_utils.tiny.text_pretraining import copy_text_experts_to_visual, pretrain_language_model
+    from navil_utils.tiny.tokenizer import load_tiny_tokenizer
+    from navil_utils.tiny.train import build_model
+
+    directory = out / "text_init"
+    summary_path = directory / "pretraining.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    tokenizer = load_tiny_tokenizer(tokenizer_dir)
+    config = run.train_config(out, tokenizer_dir)
+    model = build_model(config, tokenizer)
+    collator = TinyCollator(tokenizer, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+    summary = pretrain_language_model(model, collator, samples=run.text_pretrain_samples, seed=run.seed,
+                                      lr=run.lr)
+    if run.visual_experts:
+        copy_text_experts_to_visual(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    temporary = directory / "model.safetensors.tmp"
+    save_file(state, str(temporary))
+    os.replace(temporary, directory / "model.safetensors")
+    summary = {key: round(value, 4) for key, value in summary.items()}
+    summary_path.write_text(json.dumps(summary))  # written last: marks the init as complete
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------
