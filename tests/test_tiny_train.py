@@ -163,3 +163,38 @@ def test_resume_message_only_when_resuming(tmp_path, capsys):
     assert "resuming" not in capsys.readouterr().out
     train(micro_config(tmp_path, total_steps=2))
     assert "resuming" in capsys.readouterr().out
+
+
+def test_data_parallel_run_under_accelerate_launch_matches_one_process(tmp_path):
+    """Two CPU processes under ``accelerate launch`` (gloo) split each batch and make the single-process
+    updates: the same tokens, losses and weights up to float32 round-off."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "config.json"
+    values = json.loads(micro_config(tmp_path, batch_size=8, eval_every=3, eval_batches=1).to_json())
+    values.pop("out")
+    config.write_text(json.dumps(values))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "navil_utils.train", "--out", str(tmp_path / "one"), "--config",
+                             str(config)], capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launcher = Path(sys.executable).with_name("accelerate")
+    parallel = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "navil_utils.train",
+                               "--out", str(tmp_path / "two"), "--config", str(config)],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert "[rank1]" in parallel.stderr  # two processes ran
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert [(r["step"], "loss" in r) for r in logs[0]] == [(r["step"], "loss" in r) for r in logs[1]]  # logged once
+    for a, b in zip(*logs):
+        assert a.get("tokens") == b.get("tokens") and a.get("answer_tokens") == b.get("answer_tokens")
+        key = "loss" if "loss" in a else "eval_token_loss"
+        assert b[key] == pytest.approx(a[key], rel=1e-5)
+    one, two = (load_file(str(tmp_path / run / "final" / "model.safetensors")) for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5

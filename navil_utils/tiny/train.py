@@ -12,6 +12,12 @@ Recipe (see :class:`TrainConfig`): AdamW, linear warm-up then cosine decay to ``
 clipping, a curriculum over question types (:data:`DEFAULT_CURRICULUM`).  Every step's batch is a pure
 function of ``(data_seed, step)``, so the data position is just the step counter.
 
+Data parallel: launched by ``accelerate launch --multi_gpu --num_processes N -m navil_utils.train ...`` the
+same run splits every step's batch across the N processes (process r takes samples r, r+N, …) and averages the
+gradients weighted by answer tokens, so the update is the single-process one (up to float round-off);
+process 0 evaluates, logs and checkpoints.  On a machine without GPUs the same command runs N CPU processes
+over gloo (accelerate's ``--cpu`` flag alone starts a single process unless MPI is set up).
+
 Runs are resumable: ``<out>/checkpoint/`` (safetensors + JSON, written atomically every
 ``checkpoint_every`` steps and when the time limit is hit) holds model, optimiser, scheduler, RNG and
 step; re-running the same command continues where a killed run stopped, bit for bit.  ``<out>/log.jsonl``
@@ -23,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -130,11 +137,13 @@ class StepBatches(torch.utils.data.Dataset):
     stage-specific question-type weights); batch ``step`` holds samples ``step·B … step·B+B-1``.
     """
 
-    def __init__(self, config: TrainConfig, tokenizer: Any, seed: int | None = None) -> None:
+    def __init__(self, config: TrainConfig, tokenizer: Any, seed: int | None = None, *, rank: int = 0,
+                 world: int = 1) -> None:
         from navil_utils.tiny.data import TinyCollator
         from navil_utils.tiny.synthetic import SyntheticVQA
 
         self.config = config
+        self.rank, self.world = rank, world
         seed = config.data_seed if seed is None else seed
         self.stages = []
         for _, weights in config.curriculum:
@@ -151,7 +160,7 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int):
         data = self.stages[curriculum_stage(self.config, step)]
         b = self.config.batch_size
-        return self.collator([data.sample(step * b + j) for j in range(b)])
+        return self.collator([data.sample(step * b + j) for j in range(self.rank, b, self.world)])
 
 
 def build_model(config: TrainConfig, tokenizer: Any):
@@ -258,6 +267,44 @@ def no_weight_decay(model: torch.nn.Module) -> set[str]:
     return names
 
 
+class DataParallel:
+    """The processes of an ``accelerate launch`` (gradients all-reduced by DDP); a no-op in one process."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.accelerator = None
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            # find_unused_parameters: a batch may not use every special-token embedding
+            self.accelerator = Accelerator(cpu=device.type == "cpu", kwargs_handlers=[
+                DistributedDataParallelKwargs(find_unused_parameters=True)])
+            self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def main_process_first(self):
+        import contextlib
+
+        return contextlib.nullcontext() if self.accelerator is None else self.accelerator.main_process_first()
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model if self.accelerator is None else self.accelerator.prepare_model(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward() if self.accelerator is None else self.accelerator.backward(loss)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over the processes (float64)."""
+        if self.accelerator is None:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor, reduction="sum").tolist()
+
+
 def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +320,11 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
-    tokenizer, tokenizer_dir = _tokenizer_for(config)
+    parallel = DataParallel(device)
+    if config.batch_size % parallel.world:
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {parallel.world} data-parallel processes")
+    with parallel.main_process_first():  # a missing tokenizer is trained once, by process 0
+        tokenizer, tokenizer_dir = _tokenizer_for(config)
     model = build_model(config, tokenizer)
     torch.manual_seed(config.seed)  # the run's own RNG stream (forked by train(); saved in checkpoints)
     if config.init_from and not recover_checkpoint(out / "checkpoint"):
@@ -282,7 +333,7 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
         model.load_state_dict(load_file(Path(config.init_from) / "model.safetensors"), strict=True)
     model = model.to(device)
     model.train()
-    exempt = no_weight_decay(model)
+    exempt = no_weight_decay(model)  # names of the unwrapped model; the optimiser holds the same tensors
     decay = [p for n, p in model.named_parameters() if n not in exempt]
     no_decay = [p for n, p in model.named_parameters() if n in exempt]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -293,24 +344,27 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     state = {"step": 0, "samples": 0, "elapsed_seconds": 0.0}
     if recover_checkpoint(checkpoint_dir):
         state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
-        _truncate_log(out / "log.jsonl", state["step"])
-        print(f"resuming {out} at step {state['step']} ({state['elapsed_seconds'] / 60:.1f} min trained)", flush=True)
-    else:  # a run killed before its first checkpoint starts again from step 0: drop its log records
+        if parallel.is_main:
+            _truncate_log(out / "log.jsonl", state["step"])
+            print(f"resuming {out} at step {state['step']} ({state['elapsed_seconds'] / 60:.1f} min trained)", flush=True)
+    elif parallel.is_main:  # a run killed before its first checkpoint starts again from step 0: drop its log records
         _truncate_log(out / "log.jsonl", 0)
+    module = model  # the plain model: evaluation, checkpoints, export
+    model = parallel.wrap(model)
 
-    train_batches = StepBatches(config, tokenizer)
+    train_batches = StepBatches(config, tokenizer, rank=parallel.rank, world=parallel.world)
     eval_data = StepBatches(config, tokenizer, seed=config.eval_seed)
     eval_steps = [config.total_steps - 1 - i for i in range(config.eval_batches)]  # last stage = full mix
-    eval_set = [eval_data[s] for s in eval_steps] if config.eval_batches else []
+    eval_set = [eval_data[s] for s in eval_steps] if config.eval_batches and parallel.is_main else []
     loader = torch.utils.data.DataLoader(
         train_batches, batch_size=None, num_workers=config.num_workers,
         sampler=range(state["step"], config.total_steps), collate_fn=lambda b: b,
         worker_init_fn=_worker_init, persistent_workers=False,
         prefetch_factor=4 if config.num_workers else None)
 
-    log = (out / "log.jsonl").open("a")
+    log = (out / "log.jsonl").open("a") if parallel.is_main else open(os.devnull, "w")  # noqa: SIM115
     progress = None
-    if config.progress:
+    if config.progress and parallel.is_main:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=config.total_steps, initial=state["step"], dynamic_ncols=True, file=sys.stderr)
@@ -322,7 +376,8 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
 
     def checkpoint() -> None:
         state["elapsed_seconds"] = time.perf_counter() - start_wall
-        save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state)
+        if parallel.is_main:
+            save_checkpoint(checkpoint_dir, module, optimizer, scheduler, state)
 
     from navil_utils.tiny.data import qa_exact_match
 
@@ -331,20 +386,26 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
         batch = batch.to(device)
         with _autocast(device, config.bf16):
             out_ = model(**batch.model_inputs())
-        loss = out_.loss
+        loss = out_.loss  # mean over this process's answer tokens
+        local_tokens = batch.num_answer_tokens
+        answer_tokens = parallel.sum([local_tokens])[0] if parallel.world > 1 else local_tokens
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # weight so that the gradient DDP averages over processes is that of the mean over all answer tokens
+        parallel.backward(loss * (local_tokens * parallel.world / answer_tokens) if parallel.world > 1 else loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
+        hits = qa_exact_match(out_.logits.detach().float(), batch)
+        loss_sum, tokens, correct, total = parallel.sum([float(loss.detach()) * local_tokens,
+                                                         int(batch.attention_mask.sum()), int(hits.sum()),
+                                                         int(hits.numel())])
         state["step"] = step + 1
         state["samples"] += config.batch_size
-        state["tokens"] = state.get("tokens", 0) + int(batch.attention_mask.sum())
-        state["answer_tokens"] = state.get("answer_tokens", 0) + batch.num_answer_tokens
-        window_loss += float(loss.detach())
-        hits = qa_exact_match(out_.logits.detach().float(), batch)
-        window_correct += int(hits.sum())
-        window_total += int(hits.numel())
+        state["tokens"] = state.get("tokens", 0) + int(tokens)
+        state["answer_tokens"] = state.get("answer_tokens", 0) + int(answer_tokens)
+        window_loss += loss_sum / answer_tokens if parallel.world > 1 else float(loss.detach())
+        window_correct += int(correct)
+        window_total += int(total)
         if progress is not None:
             progress.update(1)
         if state["step"] % config.log_every == 0 or state["step"] == config.total_steps:
@@ -361,7 +422,7 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
                                      stage=record["stage"])
             window_loss, window_correct, window_total = 0.0, 0, 0
         if eval_set and (state["step"] % config.eval_every == 0 or state["step"] == config.total_steps):
-            record = {"step": state["step"], "samples": state["samples"], **evaluate_teacher_forced(model, eval_set, device, config.bf16)}
+            record = {"step": state["step"], "samples": state["samples"], **evaluate_teacher_forced(module, eval_set, device, config.bf16)}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if progress is not None:
@@ -372,14 +433,17 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
         if _simulate_kill_after is not None and state["step"] - first_step >= _simulate_kill_after:
             log.close()
             return out
-        if config.time_limit_minutes is not None and time.perf_counter() - session_start > 60 * config.time_limit_minutes:
-            stopped_early = state["step"] < config.total_steps
-            break
+        if config.time_limit_minutes is not None:  # every process stops at the same step
+            late = time.perf_counter() - session_start > 60 * config.time_limit_minutes
+            if parallel.sum([float(late)])[0] > 0:
+                stopped_early = state["step"] < config.total_steps
+                break
     checkpoint()
     if progress is not None:
         progress.close()
     log.close()
-    export_model(model, tokenizer_dir, out / "final")
+    if parallel.is_main:
+        export_model(module, tokenizer_dir, out / "final")
     if stopped_early:
         print(f"time limit reached at step {state['step']}/{config.total_steps}; re-run the same command to resume", flush=True)
     return out
