@@ -325,3 +325,46 @@ def bootstrap_saturating_power_law(n: Sequence[float], loss: Sequence[float], d:
                 samples.setdefault(key, []).append(value)
     tail = 100 * (1 - confidence) / 2
     return {key: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for key, v in samples.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# ablations: variants of one configuration, compared budget by budget
+def variant_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], baseline: str | None = None):
+    """Loss per variant and budget over seeds: ``variant, samples, seeds, mean, min, max`` (+ ``vs baseline``).
+
+    ``groups`` maps a variant name to its sweep records (one per seed).  With ``baseline`` (a key of
+    ``groups``), ``vs baseline`` is the variant's mean minus the baseline's at the same budget and
+    ``seed spread`` the larger of the two variants' max − min: a difference smaller than it is not resolved.
+    """
+    import pandas as pd
+
+    rows = []
+    for variant, records in groups.items():
+        per_budget: dict[int, list[float]] = {}
+        for record in records:
+            for budget in record["budgets"]:
+                per_budget.setdefault(int(budget["samples"]), []).append(float(budget["val_loss"]))
+        for samples, losses in sorted(per_budget.items()):
+            rows.append({"variant": variant, "samples": samples, "seeds": len(losses), "mean": float(np.mean(losses)),
+                         "min": min(losses), "max": max(losses)})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        raise ValueError("no records in any variant")
+    if baseline is not None:
+        if baseline not in groups:
+            raise ValueError(f"baseline {baseline!r} is not one of the variants {sorted(groups)}")
+        reference = table[table["variant"] == baseline].set_index("samples")
+        table["vs baseline"] = [row["mean"] - reference.loc[row["samples"], "mean"]
+                                if row["samples"] in reference.index else np.nan for _, row in table.iterrows()]
+        table["seed spread"] = [max(row["max"] - row["min"], reference.loc[row["samples"], "max"]
+                                    - reference.loc[row["samples"], "min"])
+                                if row["samples"] in reference.index else np.nan for _, row in table.iterrows()]
+    return table
+
+
+def select_runs(records: Sequence[Mapping[str, Any]], **fields: Any) -> list[Mapping[str, Any]]:
+    """The sweep records whose fields equal ``fields`` (a record without a field takes the
+    :class:`~navil_utils.tiny.sweep.ScalingRun` default: experts on, no text pretraining), e.g.
+    ``select_runs(records, llm_width=64, vit_layers=2, visual_experts=False)``."""
+    defaults = {"visual_experts": True, "text_pretrain_samples": 0}
+    return [r for r in records if all(r.get(k, defaults.get(k)) == v for k, v in fields.items())]

@@ -3,6 +3,8 @@
     records = read_results("data/scaling/grid.jsonl")
     plot_loss_vs_encoder(records, ax)        # one line per LLM size (paper Fig. 6 in miniature)
     plot_loss_vs_data(records, ax)           # one line per run (paper Fig. 1 middle)
+    plot_loss_vs_llm(records, ax)            # one line per encoder size (paper Fig. 5)
+    plot_variants_vs_data({"experts": a, "dense": b}, ax)   # an ablation, seeds as bands (Figs. 2/3)
 
 Sizes are parameter counts of the built models (encoder = ViT, LLM = active decoder parameters per token).
 """
@@ -96,4 +98,65 @@ def plot_loss_vs_data(records: Sequence[Mapping[str, Any]], ax: Axes) -> Axes:
     ax.set_ylabel("held-out caption loss (nats / token)")
     ax.set_title("Loss vs data, every run")
     ax.legend(fontsize=7, ncol=2)
+    return ax
+
+
+def plot_loss_vs_llm(records: Sequence[Mapping[str, Any]], ax: Axes, *, samples: int | None = None) -> Axes:
+    """Held-out caption loss against LLM size, one line per encoder size (paper Fig. 5 in miniature;
+    seeds averaged, min–max as bars)."""
+    cells: dict[tuple[float, float], list[float]] = {}
+    for record in records:
+        loss = _budget_loss(record, samples)
+        if loss is not None:
+            cells.setdefault((float(record["params_encoder"]), float(record["params_llm_active"])), []).append(loss)
+    if not cells:
+        raise ValueError("no run has the requested budget")
+    encoders = sorted({enc for enc, _ in cells})
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("Oranges")
+    for i, enc in enumerate(encoders):
+        llms = sorted(n for e, n in cells if e == enc)
+        values = [cells[(enc, n)] for n in llms]
+        means = np.array([np.mean(v) for v in values])
+        spread = np.array([[m - min(v), max(v) - m] for m, v in zip(means, values)]).T
+        ax.errorbar(llms, means, yerr=spread, marker="s", capsize=3, label=f"ViT {_short(enc)}",
+                    color=cmap(0.4 + 0.55 * i / max(len(encoders) - 1, 1)))
+    ax.set_xscale("log")
+    sizes = sorted({n for _, n in cells})
+    ax.set_xticks(sizes, [_short(v) for v in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("LLM size (active parameters, log scale)")
+    ax.set_ylabel("held-out caption loss (nats / token)")
+    budget = f"{samples:,} samples" if samples is not None else "largest budget"
+    ax.set_title(f"Loss vs LLM size per encoder ({budget})")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_variants_vs_data(groups: Mapping[str, Sequence[Mapping[str, Any]]], ax: Axes, *,
+                          colours: Mapping[str, Any] | None = None) -> Axes:
+    """Loss against training samples for variants of one configuration (an ablation): the mean over seeds
+    as a line, the seeds' min–max as a band."""
+    for i, (variant, records) in enumerate(groups.items()):
+        per_budget: dict[int, list[float]] = {}
+        for record in records:
+            for budget in record["budgets"]:
+                per_budget.setdefault(int(budget["samples"]), []).append(float(budget["val_loss"]))
+        samples = sorted(per_budget)
+        if not samples:
+            continue
+        colour = (colours or {}).get(variant, f"C{i}")
+        values = [per_budget[s] for s in samples]
+        seeds = max(len(v) for v in values)
+        ax.plot(samples, [np.mean(v) for v in values], marker="o", ms=4, color=colour,
+                label=f"{variant} ({seeds} seed{'s' if seeds > 1 else ''})")
+        ax.fill_between(samples, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.18)
+    ax.set_xscale("log")
+    ticks = sorted({b["samples"] for records in groups.values() for r in records for b in r["budgets"]})
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("training samples seen (log scale)")
+    ax.set_ylabel("held-out caption loss (nats / token)")
+    ax.legend(fontsize=8)
     return ax
