@@ -91,7 +91,7 @@ _register("navil_utils.paper.tables", "load_paper_table", "available_paper_table
 _register("navil_utils.analysis.scaling", "fit_power_law", "PowerLaw", "optimal_encoder", "optimal_encoders",
           "nominal_encoder_size", "sweep_frame",
           "bootstrap_optimal_encoder_fit", "fit_saturating_power_law", "bootstrap_saturating_power_law",
-          "SaturatingPowerLaw", "variant_table", "select_runs")
+          "SaturatingPowerLaw", "variant_table", "select_runs", "fit_data_laws")
 # embedded tiny model
 _register("navil_utils.tiny.synthetic", "SyntheticVQA", "SyntheticConfig")
 _register("navil_utils.tiny.tokenizer", "train_tiny_tokenizer", "load_tiny_tokenizer")

@@ -218,3 +218,16 @@ def test_select_runs_matches_fields_with_the_sweep_defaults():
     assert select_runs(records, llm_width=64, visual_experts=True) == records[:1]
     assert select_runs(records, visual_experts=False) == records[1:2]
     assert select_runs(records, text_pretrain_samples=0, vit_layers=2) == records[:2]
+
+
+def test_fit_data_laws_recovers_a_known_curve_and_reports_misfit():
+    from navil_utils.analysis.scaling import fit_data_laws
+
+    d = np.repeat([1e3, 2e3, 4e3, 8e3, 16e3], 2)
+    exact = 0.5 + 30.0 * d**-0.6
+    table = fit_data_laws({"law": (d, exact), "step": (d, np.where(d < 8e3, 1.0, 0.5))}, n_boot=12)
+    row = table.loc["law"]
+    assert row["beta"] == pytest.approx(0.6, rel=1e-3) and row["E"] == pytest.approx(0.5, rel=1e-3)
+    assert row["beta low"] <= 0.6 + 1e-6 and row["beta high"] >= 0.6 - 1e-6 and row["points"] == 10
+    assert row["max |residual|"] < 1e-5
+    assert table.loc["step", "max |residual|"] > 0.05  # a step is no power law: the misfit shows

@@ -228,101 +228,161 @@ def _huber(residual, delta: float):
     return torch.where(absolute <= delta, 0.5 * residual**2, delta * (absolute - 0.5 * delta))
 
 
+def _check_points(n, loss, d):
+    n_arr, l_arr = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
+    d_arr = None if d is None else np.asarray(d, dtype=float)
+    if n_arr.shape != l_arr.shape or n_arr.ndim != 1 or (d_arr is not None and d_arr.shape != n_arr.shape):
+        raise ValueError("n, loss (and d) must be 1-D and of equal length")
+    if np.any(n_arr <= 0) or np.any(l_arr <= 0) or (d_arr is not None and np.any(d_arr <= 0)):
+        raise ValueError("sizes and losses must be strictly positive")
+    if n_arr.size < (5 if d_arr is not None else 3):
+        raise ValueError(f"too few points ({n_arr.size}) for {'5' if d_arr is not None else '3'} parameters")
+    return n_arr, l_arr, d_arr
+
+
+def _fit_batch(log_n, log_l, log_d, starts, huber_delta: float, max_iter: int):
+    """L-BFGS on R independent problems at once (rows of ``log_n``/``log_l``/``log_d`` ``(R, P)``, ``starts``
+    ``(R, 3|5)``); returns the parameters and each row's objective.
+
+    Parameters per row: ``u, a, α (, b, β)`` with ``E = min(L)·sigmoid(u)`` — the floor lies below every
+    observed loss of its row, and a vanishing floor (a curve that shows no saturation) ends on a flat
+    gradient instead of sending ``log E`` to −∞.  The rows share nothing but the optimiser's step: the sum
+    of independent objectives has a block-separable gradient.
+    """
+    import torch
+
+    log_floor = log_l.min(dim=1, keepdim=True).values
+
+    def objectives(params):
+        terms = [(log_floor + torch.nn.functional.logsigmoid(params[:, :1])).expand_as(log_n),
+                 params[:, 1:2] - params[:, 2:3] * log_n]
+        if log_d is not None:
+            terms.append(params[:, 3:4] - params[:, 4:5] * log_d)
+        return _huber(torch.logsumexp(torch.stack(terms), dim=0) - log_l, huber_delta).sum(dim=1)
+
+    params = starts.clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, tolerance_grad=1e-12,
+                                  tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        value = objectives(params).sum()
+        value.backward()
+        return value
+
+    optimiser.step(closure)
+    with torch.no_grad():
+        return params.detach(), objectives(params)
+
+
+def _u_of(log_e: float, log_floor: float) -> float:
+    """The ``u`` of ``E = exp(log_floor)·sigmoid(u)`` (clipped inside the open interval)."""
+    share = min(max(math.exp(log_e - log_floor), 1e-9), 1 - 1e-9)
+    return math.log(share / (1 - share))
+
+
+def _law_from(row, log_floor: float, n_scale: float, d_scale: float, with_data: bool) -> SaturatingPowerLaw:
+    u, a, alpha = (float(v) for v in row[:3])
+    log_e = log_floor + math.log(1 / (1 + math.exp(-u))) if u > -700 else -math.inf
+    law = SaturatingPowerLaw(E=math.exp(log_e), A=math.exp(a) * n_scale**alpha, alpha=alpha)
+    if with_data:
+        b, beta = float(row[3]), float(row[4])
+        law = SaturatingPowerLaw(law.E, law.A, law.alpha, B=math.exp(b) * d_scale**beta, beta=beta)
+    return law
+
+
+def _start_of(law: SaturatingPowerLaw, log_floor: float, n_scale: float, d_scale: float) -> list[float]:
+    start = [_u_of(math.log(max(law.E, 1e-300)), log_floor), math.log(law.A / n_scale**law.alpha), law.alpha]
+    if law.B is not None:
+        start += [math.log(law.B / d_scale**law.beta), law.beta]
+    return start
+
+
 def fit_saturating_power_law(n: Sequence[float], loss: Sequence[float], d: Sequence[float] | None = None, *,
                              huber_delta: float = 1e-3, max_iter: int = 500,
                              initial: SaturatingPowerLaw | None = None) -> SaturatingPowerLaw:
     """Fit ``L = E + A·N^-α (+ B·D^-β)`` to losses by multi-start L-BFGS on a Huber loss of log residuals.
 
-    Parameterised as ``L = exp(e) + exp(a − α log N) (+ exp(b − β log D))`` (positive terms, one
-    log-sum-exp), the Huber loss (``huber_delta`` in log units) keeps single outlying runs from
-    dominating, and a grid of starting points (α, β ∈ {0.1, 0.5, 1.5}; e and a around the range of the data) guards
-    against local minima (``initial``: start from that law only, e.g. the full-data fit inside a
-    bootstrap).  Sizes are scaled by their geometric mean internally, so ``A``/``B`` come back in the
-    units of ``n``/``d``.  Needs at least 3 (5 with a data term) points.
+    Parameterised as ``L = E + exp(a − α log N) (+ exp(b − β log D))`` with ``E = min(L)·sigmoid(u)``
+    (positive terms, a floor below every observed loss, one log-sum-exp), the Huber loss (``huber_delta``
+    in log units) keeps single outlying runs from dominating, and a grid of starting points (α, β ∈ {0.1,
+    0.5, 1.5}; E and A around the range of the data), screened together as one batch before the best is
+    refined alone, guards against local minima (``initial``: start from that law only).  Sizes are scaled by their geometric mean
+    internally, so ``A``/``B`` come back in the units of ``n``/``d``.  Needs at least 3 (5 with a data term)
+    points.  When the data show no floor, ``E`` ends near 0 and the other parameters trade off along a flat
+    valley: read the bootstrap intervals.
     """
     import torch
 
-    n_arr, l_arr = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
-    with_data = d is not None
-    d_arr = np.asarray(d, dtype=float) if with_data else None
-    if n_arr.shape != l_arr.shape or n_arr.ndim != 1 or (with_data and d_arr.shape != n_arr.shape):
-        raise ValueError("n, loss (and d) must be 1-D and of equal length")
-    if np.any(n_arr <= 0) or np.any(l_arr <= 0) or (with_data and np.any(d_arr <= 0)):
-        raise ValueError("sizes and losses must be strictly positive")
-    if n_arr.size < (5 if with_data else 3):
-        raise ValueError(f"too few points ({n_arr.size}) for {'5' if with_data else '3'} parameters")
+    n_arr, l_arr, d_arr = _check_points(n, loss, d)
+    with_data = d_arr is not None
     n_scale = float(np.exp(np.log(n_arr).mean()))
     d_scale = float(np.exp(np.log(d_arr).mean())) if with_data else 1.0
-    log_n = torch.tensor(np.log(n_arr / n_scale), dtype=torch.float64)
-    log_d = torch.tensor(np.log(d_arr / d_scale), dtype=torch.float64) if with_data else None
-    log_l = torch.tensor(np.log(l_arr), dtype=torch.float64)
-
-    def objective(params):
-        terms = [params[0].expand_as(log_n), params[1] - params[2] * log_n]
-        if with_data:
-            terms.append(params[3] - params[4] * log_d)
-        return _huber(torch.logsumexp(torch.stack(terms), dim=0) - log_l, huber_delta).sum()
-
-    low, high = float(np.log(l_arr.min())), float(np.log(l_arr.max()))
-    e_starts = (low - 2.0, low - 0.2)
-    a_starts = (high - 1.0, high)
-    exponents = (0.1, 0.5, 1.5)
-    best, best_value = None, math.inf
-    grid = itertools.product(e_starts, a_starts, exponents, *((a_starts, exponents) if with_data else ()))
+    log_floor = float(np.log(l_arr.min()))
+    low, high = log_floor, float(np.log(l_arr.max()))
     if initial is not None:
-        start = [math.log(initial.E), math.log(initial.A / n_scale**initial.alpha), initial.alpha]
-        if with_data:
-            start += [math.log(initial.B / d_scale**initial.beta), initial.beta]
-        grid = [tuple(start)]
-    for start in grid:
-        params = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-        optimiser = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, tolerance_grad=1e-12,
-                                      tolerance_change=1e-14, line_search_fn="strong_wolfe")
+        starts = [_start_of(initial, log_floor, n_scale, d_scale)]
+    else:
+        e_starts = (_u_of(low - 2.0, log_floor), _u_of(low - 0.2, log_floor))
+        a_starts, exponents = (high - 1.0, high), (0.1, 0.5, 1.5)
+        starts = [list(s) for s in itertools.product(e_starts, a_starts, exponents,
+                                                      *((a_starts, exponents) if with_data else ()))]
+    rows = len(starts)
 
-        def closure():
-            optimiser.zero_grad()
-            value = objective(params)
-            value.backward()
-            return value
+    def tile(values):
+        return torch.tensor(np.log(values), dtype=torch.float64).expand(rows, -1)
 
-        optimiser.step(closure)
-        with torch.no_grad():
-            value = float(objective(params))
-        if math.isfinite(value) and value < best_value:
-            best, best_value = params.detach().clone(), value
-    if best is None:
-        raise RuntimeError("the power-law fit did not converge from any starting point")
-    e, a, alpha = (float(v) for v in best[:3])
-    law = SaturatingPowerLaw(E=math.exp(e), A=math.exp(a) * n_scale**alpha, alpha=alpha)
-    if with_data:
-        b, beta = float(best[3]), float(best[4])
-        law = SaturatingPowerLaw(law.E, law.A, law.alpha, B=math.exp(b) * d_scale**beta, beta=beta)
-    return law
+    data = (tile(n_arr / n_scale), tile(l_arr), tile(d_arr / d_scale) if with_data else None)
+    params = torch.tensor(starts, dtype=torch.float64)
+    if rows > 1:  # screen every start together, then refine the best one alone
+        params, values = _fit_batch(*data, params, huber_delta, max(20, max_iter // 5))
+        finite = torch.isfinite(values)
+        if not bool(finite.any()):
+            raise RuntimeError("the power-law fit did not converge from any starting point")
+        params = params[int(torch.where(finite, values, torch.full_like(values, math.inf)).argmin())][None]
+    params, values = _fit_batch(*(x[:1] if x is not None else None for x in data), params, huber_delta, max_iter)
+    if not bool(torch.isfinite(values).all()):
+        raise RuntimeError("the power-law fit did not converge")
+    return _law_from(params[0], log_floor, n_scale, d_scale, with_data)
 
 
 def bootstrap_saturating_power_law(n: Sequence[float], loss: Sequence[float], d: Sequence[float] | None = None, *,
                                    n_boot: int = 200, confidence: float = 0.9, seed: int = 0,
-                                   **fit_kwargs: Any) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of every parameter of :func:`fit_saturating_power_law` over resampled points
-    (each resample is fitted starting from the full-data fit)."""
-    n_arr, l_arr = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
-    d_arr = None if d is None else np.asarray(d, dtype=float)
+                                   huber_delta: float = 1e-3, max_iter: int = 500,
+                                   resample_iter: int = 100) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of every parameter of :func:`fit_saturating_power_law` over resampled points.
+
+    Every resample (points drawn with replacement; resamples with too few distinct sizes are dropped)
+    starts from the full-data fit (``max_iter`` L-BFGS iterations); all resamples are optimised together
+    as one batch for ``resample_iter`` iterations.
+    """
+    import torch
+
+    n_arr, l_arr, d_arr = _check_points(n, loss, d)
+    with_data = d_arr is not None
+    full = fit_saturating_power_law(n_arr, l_arr, d_arr, huber_delta=huber_delta, max_iter=max_iter)
     rng = np.random.default_rng(seed)
-    full = fit_saturating_power_law(n_arr, l_arr, d_arr, **fit_kwargs)
+    picks = [rng.integers(0, n_arr.size, n_arr.size) for _ in range(n_boot)]
+    picks = [p for p in picks if np.unique(n_arr[p]).size >= 3]  # a resample needs three distinct sizes
+    if not picks:
+        return {}
+    index = np.stack(picks)
+    n_scale = float(np.exp(np.log(n_arr).mean()))
+    d_scale = float(np.exp(np.log(d_arr).mean())) if with_data else 1.0
+    log_l = torch.tensor(np.log(l_arr[index]), dtype=torch.float64)
+    log_floors = log_l.min(dim=1).values
+    starts = torch.tensor([_start_of(full, float(f), n_scale, d_scale) for f in log_floors], dtype=torch.float64)
+    params, values = _fit_batch(torch.tensor(np.log(n_arr[index] / n_scale), dtype=torch.float64), log_l,
+                                torch.tensor(np.log(d_arr[index] / d_scale), dtype=torch.float64) if with_data else None,
+                                starts, huber_delta, resample_iter)
     samples: dict[str, list[float]] = {}
-    minimum = 5 if d is not None else 3
-    for _ in range(n_boot):
-        pick = rng.integers(0, n_arr.size, n_arr.size)
-        if np.unique(n_arr[pick]).size < minimum - (2 if d is not None else 0):
+    for row, value, floor in zip(params, values, log_floors):
+        if not bool(torch.isfinite(value)):
             continue
-        try:
-            law = fit_saturating_power_law(n_arr[pick], l_arr[pick], None if d_arr is None else d_arr[pick],
-                                           initial=full, **fit_kwargs)
-        except (ValueError, RuntimeError):
-            continue
-        for key, value in vars(law).items():
-            if value is not None:
-                samples.setdefault(key, []).append(value)
+        law = _law_from(row, float(floor), n_scale, d_scale, with_data)
+        for key, parameter in vars(law).items():
+            if parameter is not None:
+                samples.setdefault(key, []).append(parameter)
     tail = 100 * (1 - confidence) / 2
     return {key: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for key, v in samples.items()}
 
@@ -368,3 +428,27 @@ def select_runs(records: Sequence[Mapping[str, Any]], **fields: Any) -> list[Map
     ``select_runs(records, llm_width=64, vit_layers=2, visual_experts=False)``."""
     defaults = {"visual_experts": True, "text_pretrain_samples": 0}
     return [r for r in records if all(r.get(k, defaults.get(k)) == v for k, v in fields.items())]
+
+
+def fit_data_laws(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, n_boot: int = 200,
+                  confidence: float = 0.9, seed: int = 0):
+    """``L(D) = E + B·D^-β`` fitted to each named loss-vs-data curve ``{name: (samples, losses)}``.
+
+    One row per curve: ``E, B, beta`` with bootstrap percentile intervals (``E low`` … ``beta high``),
+    ``points`` and ``max |residual|`` (how far the fitted law is from the worst point: a law that does
+    not describe the curve says so here).  Repeated samples (several seeds or encoders) are fine.
+    """
+    import pandas as pd
+
+    rows = []
+    for name, (samples, losses) in curves.items():
+        samples, losses = np.asarray(samples, dtype=float), np.asarray(losses, dtype=float)
+        law = fit_saturating_power_law(samples, losses)
+        intervals = bootstrap_saturating_power_law(samples, losses, n_boot=n_boot, confidence=confidence, seed=seed)
+        row = {"curve": name, "points": int(samples.size), "E": law.E, "B": law.A, "beta": law.alpha,
+               "max |residual|": float(np.abs(law.predict(samples) - losses).max())}
+        for ours, theirs in (("E", "E"), ("B", "A"), ("beta", "alpha")):
+            low, high = intervals.get(theirs, (np.nan, np.nan))
+            row[f"{ours} low"], row[f"{ours} high"] = low, high
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("curve")

@@ -160,3 +160,48 @@ def plot_variants_vs_data(groups: Mapping[str, Sequence[Mapping[str, Any]]], ax:
     ax.set_ylabel("held-out caption loss (nats / token)")
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_optima_with_paper_rule(result: Any, ax: Axes, paper_fit: Any | None = None,
+                                paper_points: Mapping[float, float] | None = None) -> Axes:
+    """Our optimal encoder per LLM size next to the paper's rule, both in parameters on log-log axes.
+
+    ``result`` is an :class:`~navil_utils.analysis.scaling.OptimalEncoderFit`: each encoder that the
+    bootstrap over seeds found optimal is a dot sized by how often (the full-data optimum filled), and
+    "not reached" is counted in the legend.  ``paper_fit`` (a :class:`PowerLaw` in billions, e.g. fitted to
+    Fig. 7) is drawn over the whole range, extrapolated far below the paper's 0.5B–7B LLMs;
+    ``paper_points`` ({LLM: encoder}, billions) are its measured optima.
+    """
+    llms = sorted(result.optima)
+    total = max(result.resamples, 1)
+    for llm in llms:
+        counts = result.bootstrap_optima.get(llm, {})
+        resamples = sum(counts.values()) or 1
+        for encoder, count in counts.items():
+            if encoder is not None:
+                ax.scatter([llm], [encoder], s=30 + 270 * count / resamples, color="#1f77b4", alpha=0.35,
+                           edgecolor="none")
+        best = result.optima[llm]
+        if best is not None:
+            ax.scatter([llm], [best], s=40, color="#1f77b4", edgecolor="black", zorder=3)
+    ax.scatter([], [], s=40, color="#1f77b4", edgecolor="black", label="ours: optimum (mean over seeds)")
+    ax.scatter([], [], s=120, color="#1f77b4", alpha=0.35, label="ours: bootstrap over seeds (size = share)")
+    if result.fit is not None:
+        x = np.geomspace(min(llms) * 0.8, max(llms) * 1.25, 20)
+        ax.plot(x, result.fit.predict(x), color="#1f77b4", ls=":", label=f"ours: fit, exponent {result.fit.exponent:.2f}")
+    if paper_fit is not None:
+        low = min(llms) * 0.5 if llms else 1e5
+        high = max(max(paper_points or {1: 0}) * 1e9 * 1.5, max(llms) * 2 if llms else 1e10)
+        x = np.geomspace(low, high, 50)
+        ax.plot(x, paper_fit.predict(x / 1e9) * 1e9, color="#d62728", ls="--",
+                label=f"paper's rule, exponent {paper_fit.exponent:.2f} (extrapolated)")
+    if paper_points:
+        ax.scatter([k * 1e9 for k in paper_points], [v * 1e9 for v in paper_points.values()], marker="D",
+                   color="#d62728", s=40, zorder=3, label="paper: optimal encoders (Fig. 7)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("LLM size (active parameters, log scale)")
+    ax.set_ylabel("optimal visual encoder (parameters, log scale)")
+    ax.set_title(f"Optimal encoder vs LLM size ({total} bootstrap resamples with a fit)")
+    ax.legend(fontsize=7, loc="upper left")
+    return ax
