@@ -77,6 +77,7 @@ _register("navil_utils.chatting", "chat", "chat_turn", "batch_chat", "ChatStream
 _register("navil_utils.analysis.parameters", "count_parameters", "expected_parameter_counts", "compare_with_paper")
 _register("navil_utils.analysis.device_maps", "plan_device_map", "DevicePlan")
 _register("navil_utils.analysis.token_budgets", "token_budget_table")
+_register("navil_utils.analysis.attention", "AttentionRecorder", "TokenLayout")
 _register("navil_utils.analysis.accuracy", "chance_levels", "answer_space_size", "accuracy_frame", "accuracy_table")
 _register("navil_utils.analysis.speed", "measure_generation_speed", "compare_kv_cache", "speed_frame",
           "GenerationSpeed")

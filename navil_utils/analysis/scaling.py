@@ -436,13 +436,17 @@ def fit_data_laws(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
 
     One row per curve: ``E, B, beta`` with bootstrap percentile intervals (``E low`` … ``beta high``),
     ``points`` and ``max |residual|`` (how far the fitted law is from the worst point: a law that does
-    not describe the curve says so here).  Repeated samples (several seeds or encoders) are fine.
+    not describe the curve says so here).  Repeated samples (several seeds or encoders) are fine; a curve
+    with fewer than three distinct budgets gets a row of NaN.
     """
     import pandas as pd
 
     rows = []
     for name, (samples, losses) in curves.items():
         samples, losses = np.asarray(samples, dtype=float), np.asarray(losses, dtype=float)
+        if np.unique(samples).size < 3:  # three parameters need three distinct budgets
+            rows.append({"curve": name, "points": int(samples.size)})
+            continue
         law = fit_saturating_power_law(samples, losses)
         intervals = bootstrap_saturating_power_law(samples, losses, n_boot=n_boot, confidence=confidence, seed=seed)
         row = {"curve": name, "points": int(samples.size), "E": law.E, "B": law.A, "beta": law.alpha,

@@ -152,8 +152,11 @@ def plot_variants_vs_data(groups: Mapping[str, Sequence[Mapping[str, Any]]], ax:
         ax.plot(samples, [np.mean(v) for v in values], marker="o", ms=4, color=colour,
                 label=f"{variant} ({seeds} seed{'s' if seeds > 1 else ''})")
         ax.fill_between(samples, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.18)
-    ax.set_xscale("log")
     ticks = sorted({b["samples"] for records in groups.values() for r in records for b in r["budgets"]})
+    if not ticks:
+        ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        return ax
+    ax.set_xscale("log")
     ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("training samples seen (log scale)")

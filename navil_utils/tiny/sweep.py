@@ -154,6 +154,25 @@ def _git_commit() -> str | None:
     return (head + ("+dirty" if dirty else "")) or None
 
 
+def _machine(device: str) -> str:
+    """What ran the run: the GPU's name, or the CPU model and its core count."""
+    import platform
+
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def execute_run(run: ScalingRun, out_root: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
     """Train (or resume) one run and return its result record (parameters, budgets, losses, time)."""
     import torch
@@ -189,6 +208,7 @@ def execute_run(run: ScalingRun, out_root: str | os.PathLike, device: str = "cpu
         "params_total": counts.total, "params_active": counts.active, "params_encoder": counts.vision_encoder,
         "params_llm_active": counts.llm_active, "budgets": budgets, "val_loss": budgets[-1]["val_loss"],
         "train_seconds": round(float(state.get("elapsed_seconds", wall)), 1), "device": device,
+        "machine": _machine(device),
         **({"text_pretraining": pretraining} if pretraining else {}),
         "torch": torch.__version__, "git_commit": _git_commit(),
     }
@@ -339,12 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="parallel runs of the local backend")
     parser.add_argument("--backend", choices=("local", "ray"), default="local")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when a GPU is present)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     runs = expand_grid(json.loads(Path(args.grid).read_text()))
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     records = run_sweep(runs, args.results, out_root=args.out_root, workers=args.workers, backend=args.backend,
-                        address=args.address, device=args.device, progress=not args.no_progress)
+                        address=args.address, device=device, progress=not args.no_progress)
     print(json.dumps({"runs": len(runs), "finished": len(records), "results": str(args.results)}))
     return 0
 
