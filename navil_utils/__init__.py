@@ -78,6 +78,10 @@ _register("navil_utils.analysis.parameters", "count_parameters", "expected_param
 _register("navil_utils.analysis.device_maps", "plan_device_map", "DevicePlan")
 _register("navil_utils.analysis.token_budgets", "token_budget_table")
 _register("navil_utils.analysis.attention", "AttentionRecorder", "TokenLayout")
+_register("navil_utils.analysis.attention_maps", "scale_maps", "upsample_to_image", "attention_rollout", "vit_rollout",
+          "scale_geometries", "plan_geometries")
+_register("navil_utils.analysis.attention_claims", "visual_attention_share", "pointing_table", "pointing_summary",
+          "attention_sinks", "blanking_check", "collect_answer_attention")
 _register("navil_utils.analysis.accuracy", "chance_levels", "answer_space_size", "accuracy_frame", "accuracy_table")
 _register("navil_utils.analysis.speed", "measure_generation_speed", "compare_kv_cache", "speed_frame",
           "GenerationSpeed")
