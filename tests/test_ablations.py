@@ -81,3 +81,21 @@ def test_sweep_runs_the_ablations(tmp_path):
     assert again == records and len(read_results(tmp_path / "r.jsonl")) == 3
     with pytest.raises(Exception, match="text_pretrain_samples"):
         ScalingRun(**{**base, "text_pretrain_samples": -1})
+
+
+@pytest.mark.parametrize("variant", GOLDEN_VARIANTS)
+def test_expert_twins_are_registered_next_to_their_text_weights(variant):
+    """Checkpoint order, and the order in which a seeded initialisation draws the weights: adding the dense
+    option must not reorder it (that would silently change every seeded model)."""
+    experts, _ = _fixture_model(variant)
+    dense, _ = _fixture_model(variant, visual_experts=False)
+    layer = experts.language_model.model.layers[0]
+    attention = next(m for n, m in layer.named_children() if n in ("self_attn", "attention"))
+    names = [n for n, _ in attention.named_children()]
+    expected = {"qwen3_ve": ["q_proj", "q_proj_ve", "k_proj", "k_proj_ve", "v_proj", "v_proj_ve", "o_proj",
+                             "o_proj_ve", "q_norm", "k_norm", "q_norm_ve", "k_norm_ve"],
+                "internlm2_ve": ["wqkv", "wqkv_ve", "wo", "wo_ve"]}[variant]
+    assert names == expected
+    dense_attention = next(m for n, m in dense.language_model.model.layers[0].named_children()
+                           if n in ("self_attn", "attention"))
+    assert [n for n, _ in dense_attention.named_children()] == [n for n in expected if not n.endswith("_ve")]

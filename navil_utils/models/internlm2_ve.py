@@ -65,13 +65,12 @@ class InternLM2VEAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scaling = self.head_dim ** -0.5
         qkv_out = (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
+        out = self.num_heads * self.head_dim
+        # registration order = checkpoint order (see Qwen3VEAttention); no visual twins in a dense LLM
         self.wqkv = nn.Linear(config.hidden_size, qkv_out, bias=config.bias)
-        self.wo = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.bias)
-        if config.visual_experts:
-            self.wqkv_ve = nn.Linear(config.hidden_size, qkv_out, bias=config.bias)
-            self.wo_ve = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.bias)
-        else:  # dense LLM: the router never calls a visual expert
-            self.wqkv_ve = self.wo_ve = None
+        self.wqkv_ve = nn.Linear(config.hidden_size, qkv_out, bias=config.bias) if config.visual_experts else None
+        self.wo = nn.Linear(out, config.hidden_size, bias=config.bias)
+        self.wo_ve = nn.Linear(out, config.hidden_size, bias=config.bias) if config.visual_experts else None
 
     def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unpack the interleaved ``(B, T, (nh + 2·nkv)·hd)`` projection into q ``(B, nh, T, hd)``, k, v."""

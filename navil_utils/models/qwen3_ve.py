@@ -62,22 +62,19 @@ class Qwen3VEAttention(nn.Module):
         self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
         hidden, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(hidden, q_out, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_out, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_out, bias=bias)
-        self.o_proj = nn.Linear(q_out, hidden, bias=bias)
+        # registration order = checkpoint order (text expert, then its visual twin); it also fixes the order in
+        # which a seeded initialisation draws the weights.  A dense LLM (visual_experts=False) has no twins.
+        def twin(make):
+            return make() if config.visual_experts else None
+
+        self.q_proj, self.q_proj_ve = nn.Linear(hidden, q_out, bias=bias), twin(lambda: nn.Linear(hidden, q_out, bias=bias))
+        self.k_proj, self.k_proj_ve = nn.Linear(hidden, kv_out, bias=bias), twin(lambda: nn.Linear(hidden, kv_out, bias=bias))
+        self.v_proj, self.v_proj_ve = nn.Linear(hidden, kv_out, bias=bias), twin(lambda: nn.Linear(hidden, kv_out, bias=bias))
+        self.o_proj, self.o_proj_ve = nn.Linear(q_out, hidden, bias=bias), twin(lambda: nn.Linear(q_out, hidden, bias=bias))
         self.q_norm = NaViLRMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = NaViLRMSNorm(self.head_dim, config.rms_norm_eps)
-        if config.visual_experts:  # the visual expert: the same projections and norms, a second copy
-            self.q_proj_ve = nn.Linear(hidden, q_out, bias=bias)
-            self.k_proj_ve = nn.Linear(hidden, kv_out, bias=bias)
-            self.v_proj_ve = nn.Linear(hidden, kv_out, bias=bias)
-            self.o_proj_ve = nn.Linear(q_out, hidden, bias=bias)
-            self.q_norm_ve = NaViLRMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm_ve = NaViLRMSNorm(self.head_dim, config.rms_norm_eps)
-        else:  # dense LLM: the router never calls a visual expert
-            self.q_proj_ve = self.k_proj_ve = self.v_proj_ve = self.o_proj_ve = None
-            self.q_norm_ve = self.k_norm_ve = None
+        self.q_norm_ve = twin(lambda: NaViLRMSNorm(self.head_dim, config.rms_norm_eps))
+        self.k_norm_ve = twin(lambda: NaViLRMSNorm(self.head_dim, config.rms_norm_eps))
 
     def _project(self, x: torch.Tensor, proj: nn.Linear, norm: NaViLRMSNorm | None) -> torch.Tensor:
         out = proj(x)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -140,8 +141,13 @@ def expand_grid(spec: dict[str, Any]) -> list[ScalingRun]:
 
 # ---------------------------------------------------------------------------------------------------
 # one run
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
-    """``HEAD`` of the workbook checkout, with ``+dirty`` when tracked files differ from it."""
+    """``HEAD`` of the workbook checkout, with ``+dirty`` when tracked files differ from it.
+
+    Read once per process, when its first run starts (right after the process imported the code): a
+    commit made while a sweep is running does not describe the code its workers already loaded.
+    """
     from navil_utils.paths import repo_root
 
     try:
@@ -186,6 +192,7 @@ def execute_run(run: ScalingRun, out_root: str | os.PathLike, device: str = "cpu
     quiet_libraries()  # no per-run progress bars in the sweep's log
     tokenizer_dir = repo_root() / "data" / "models" / "navil-tiny"
     out = Path(out_root) / run.run_id
+    commit = _git_commit()  # the code this process runs (cached from its first run)
     start = time.perf_counter()
     pretraining = _text_pretrained_init(run, out, tokenizer_dir) if run.text_pretrain_samples else None
     config = run.train_config(out, tokenizer_dir, device, init_from=out / "text_init" if pretraining else None)
@@ -210,7 +217,7 @@ def execute_run(run: ScalingRun, out_root: str | os.PathLike, device: str = "cpu
         "train_seconds": round(float(state.get("elapsed_seconds", wall)), 1), "device": device,
         "machine": _machine(device),
         **({"text_pretraining": pretraining} if pretraining else {}),
-        "torch": torch.__version__, "git_commit": _git_commit(),
+        "torch": torch.__version__, "git_commit": commit,
     }
 
 
