@@ -87,7 +87,7 @@ def test_records_hold_what_a_scaling_analysis_needs(tmp_path):
     assert record["budgets"][1]["tokens"] > record["budgets"][0]["tokens"] > 0
     assert 0 < record["budgets"][0]["caption_tokens"] < record["budgets"][0]["tokens"]
     assert record["val_loss"] == record["budgets"][-1]["val_loss"] < record["budgets"][0]["val_loss"]
-    assert record["device"] == "cpu" and record["train_seconds"] >= 0
+    assert record["device"] == "cpu" and record["train_seconds"] >= 0 and "cores" in record["machine"]
     assert run_sweep([run], tmp_path / "r.jsonl", out_root=tmp_path / "runs", progress=False) == [record]
 
 
@@ -116,3 +116,34 @@ def test_explicit_runs_take_the_shared_seed_and_lr():
                                                          (64, 2, 0.004)]
     single = {k: v for k, v in spec.items() if k != "seeds"}
     assert [r.seed for r in expand_grid({**single, "seed": 3})] == [3, 3]
+
+
+def test_a_2x2_sweep_end_to_end_from_the_command_line_to_notebook_05(tmp_path, monkeypatch):
+    """The CI-sized study: a 2 LLM x 2 encoder sweep on the command line (two workers), then chapter 05
+    re-plotted from its results through papermill parameters, as a user would point it at their sweep."""
+    import papermill
+
+    from navil_utils.analysis.scaling import optimal_encoders, sweep_frame
+    from navil_utils.paths import repo_root
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({**MICRO, "vit": [[32, 1], [32, 2]], "seeds": [0], "study": "ci"}))
+    results = tmp_path / "ci.jsonl"
+    done = subprocess.run(_sweep_cli(grid, results, tmp_path / "runs", workers=2), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"runs": 4, "finished": 4, "results": str(results)}
+    records = read_results(results)
+    frame = sweep_frame(records)
+    assert sorted(frame.groupby(["llm_params", "encoder_params"]).size()) == [2, 2, 2, 2]  # 2x2 cells, 2 budgets
+    assert set(optimal_encoders(frame[frame["samples"] == 128])) == set(frame["llm_params"])
+
+    monkeypatch.setenv("NAVIL_FIGURES_DIR", str(tmp_path / "figures"))
+    out = tmp_path / "05.ipynb"
+    papermill.execute_notebook(str(repo_root() / "notebooks" / "05_scaling_curves.ipynb"), str(out),
+                               parameters={"results": str(results), "ablation_results": str(tmp_path / "none.jsonl"),
+                                           "long_results": str(tmp_path / "none.jsonl"), "n_boot": 20},
+                               cwd=str(repo_root() / "notebooks"), progress_bar=False, kernel_name="python3")
+    text = out.read_text()
+    assert "4 finished runs in" in text and "no complete ablation" in text and "no long runs" in text
+    assert (tmp_path / "figures" / "05_loss_vs_encoder.png").exists()
