@@ -56,14 +56,22 @@ def plot_loss_vs_encoder(records: Sequence[Mapping[str, Any]], ax: Axes, *, samp
         if best is not None:
             ax.plot([best], [means[encoders.index(best)]], marker="o", markersize=13, markerfacecolor="none",
                     markeredgecolor="black", linestyle="none")
+    return _finish_size_axes(ax, sorted({enc for _, enc in cells}), "visual encoder size (parameters, log scale)",
+                             f"Loss vs encoder size per LLM ({_budget_text(samples)})")
+
+
+def _budget_text(samples: int | None) -> str:
+    return f"{samples:,} samples" if samples is not None else "largest budget"
+
+
+def _finish_size_axes(ax: Axes, sizes: Sequence[float], xlabel: str, title: str) -> Axes:
+    """Log x axis ticked at the model sizes, the loss label, title and legend."""
     ax.set_xscale("log")
-    sizes = sorted({enc for _, enc in cells})
     ax.set_xticks(sizes, [_short(v) for v in sizes])
     ax.minorticks_off()
-    ax.set_xlabel("visual encoder size (parameters, log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out caption loss (nats / token)")
-    budget = f"{samples:,} samples" if samples is not None else "largest budget"
-    ax.set_title(f"Loss vs encoder size per LLM ({budget})")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     return ax
 
@@ -122,16 +130,8 @@ def plot_loss_vs_llm(records: Sequence[Mapping[str, Any]], ax: Axes, *, samples:
         spread = np.array([[m - min(v), max(v) - m] for m, v in zip(means, values)]).T
         ax.errorbar(llms, means, yerr=spread, marker="s", capsize=3, label=f"ViT {_short(enc)}",
                     color=cmap(0.4 + 0.55 * i / max(len(encoders) - 1, 1)))
-    ax.set_xscale("log")
-    sizes = sorted({n for _, n in cells})
-    ax.set_xticks(sizes, [_short(v) for v in sizes])
-    ax.minorticks_off()
-    ax.set_xlabel("LLM size (active parameters, log scale)")
-    ax.set_ylabel("held-out caption loss (nats / token)")
-    budget = f"{samples:,} samples" if samples is not None else "largest budget"
-    ax.set_title(f"Loss vs LLM size per encoder ({budget})")
-    ax.legend(fontsize=8)
-    return ax
+    return _finish_size_axes(ax, sorted({n for _, n in cells}), "LLM size (active parameters, log scale)",
+                             f"Loss vs LLM size per encoder ({_budget_text(samples)})")
 
 
 def plot_variants_vs_data(groups: Mapping[str, Sequence[Mapping[str, Any]]], ax: Axes, *,
