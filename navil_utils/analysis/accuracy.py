@@ -17,6 +17,12 @@ import numpy as np
 
 from navil_utils.errors import ConfigError
 
+
+def normalise_answer(text: str) -> str:
+    """Exact match is on the stripped answer with trailing punctuation removed (case kept)."""
+    return text.strip().rstrip(".!").strip()
+
+
 #: Label of the all-question row in :func:`accuracy_frame`.
 OVERALL = "overall"
 

@@ -624,12 +624,12 @@ def blanking_check(model: Any, tokenizer: Any, images: Sequence[Any], questions:
         threshold: a token is inside when its cell's overlap fraction with the box exceeds this.
         batch_size, max_new_tokens: generation settings (greedy, left-padded batches).
         match: ``match(prediction, answer) -> bool`` (default: exact match after stripping whitespace and
-            trailing ``.``/``!``, as in :func:`navil_utils.tiny.evaluate.normalise_answer`).
+            trailing ``.``/``!``, as in :func:`navil_utils.analysis.accuracy.normalise_answer`).
     """
     import pandas as pd
 
     from navil_utils.processing.processor import NaViLProcessor
-    from navil_utils.tiny.evaluate import normalise_answer
+    from navil_utils.analysis.accuracy import normalise_answer
 
     count = _check_lengths(images=images, questions=questions, answers=answers, boxes=boxes, indices=indices)
     if batch_size < 1:

@@ -93,8 +93,8 @@ class GalleryItem:
     @classmethod
     def from_sample(cls, sample: Any, prediction: str, correct: bool | None = None) -> GalleryItem:
         """A panel for a synthetic :class:`~navil_utils.tiny.synthetic.Sample`; ``correct`` defaults to
-        exact match of the normalised prediction (:func:`navil_utils.evaluate.normalise_answer`)."""
-        from navil_utils.tiny.evaluate import normalise_answer
+        exact match of the normalised prediction (:func:`navil_utils.analysis.accuracy.normalise_answer`)."""
+        from navil_utils.analysis.accuracy import normalise_answer
 
         if correct is None:
             correct = normalise_answer(prediction) == sample.answer
@@ -193,7 +193,7 @@ def plot_image_answers(image: Any, answers: Sequence[tuple[str, ...]], *, title:
     """
     import matplotlib.pyplot as plt
 
-    from navil_utils.tiny.evaluate import normalise_answer
+    from navil_utils.analysis.accuracy import normalise_answer
 
     fig, (image_ax, text_ax) = plt.subplots(1, 2, figsize=figsize, gridspec_kw={"width_ratios": [1, 1]})
     array = np.asarray(image)

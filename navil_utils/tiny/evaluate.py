@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from navil_utils.analysis.accuracy import normalise_answer  # noqa: F401  (also re-exported here)
 from navil_utils.errors import ConfigError
 
 SCALE_CHOICES = ("all", "largest", "smallest")
@@ -97,11 +98,6 @@ class EvalResult:
             lines.append(f"{qtype:<14}{self.counts[qtype]:>6}{acc:>14.3f}")
         lines.append(f"{'overall':<14}{self.n:>6}{self.overall:>14.3f}")
         return "\n".join(lines)
-
-
-def normalise_answer(text: str) -> str:
-    """Exact match is on the stripped answer with trailing punctuation removed (case kept)."""
-    return text.strip().rstrip(".!").strip()
 
 
 @torch.no_grad()
