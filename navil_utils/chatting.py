@@ -18,6 +18,7 @@ accepts several images, streams, and batches with left padding.  Inputs and prom
 """
 from __future__ import annotations
 
+import numbers
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from navil_utils.errors import ConfigError, PromptTooLongError
 from navil_utils.processing.processor import ChatInputs, NaViLProcessor
 from navil_utils.processing.templates import History, clean_response
 
@@ -75,10 +77,47 @@ class ChatTurn:
         return self.histories[0]
 
 
-def _generation_kwargs(processor: NaViLProcessor, generation: dict[str, Any]) -> dict[str, Any]:
+def context_length(model: Any) -> int | None:
+    """The number of positions the model's LLM supports (``config.llm_config.max_position_embeddings``),
+    or None when the config does not say."""
+    config = getattr(model, "config", model)
+    llm = getattr(config, "llm_config", None) or config
+    value = getattr(llm, "max_position_embeddings", None)
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0 else None
+
+
+def _check_max_new_tokens(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"max_new_tokens must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ConfigError(f"max_new_tokens must be a positive int, got {value}")
+    return int(value)
+
+
+def _generation_kwargs(processor: NaViLProcessor, generation: dict[str, Any], model: Any = None,
+                       inputs: ChatInputs | None = None) -> dict[str, Any]:
+    """``generate`` options: defaults + ``generation``, eos/pad ids, and the context-window check.
+
+    An explicit ``max_new_tokens`` must be a positive int and fit with the prompt into the model's
+    positions (else :class:`PromptTooLongError`, before anything runs); the default (1024) is lowered to
+    what is left of the context.
+    """
+    explicit = "max_new_tokens" in generation
     kwargs = {**DEFAULT_GENERATION, **generation}
+    kwargs["max_new_tokens"] = _check_max_new_tokens(kwargs["max_new_tokens"])
     kwargs["eos_token_id"] = processor.eos_token_id   # like the reference: eos = id of the template separator
     kwargs.setdefault("pad_token_id", processor.pad_token_id)
+    limit = None if model is None else context_length(model)
+    if limit is not None and inputs is not None:
+        prompt = int(inputs.input_ids.shape[1])
+        wanted = kwargs["max_new_tokens"]
+        if prompt >= limit or (explicit and prompt + wanted > limit):
+            batch = "" if inputs.input_ids.shape[0] == 1 else " (the longest prompt of the batch)"
+            raise PromptTooLongError(
+                f"the prompt has {prompt} tokens{batch} and max_new_tokens is {wanted}: {prompt} + {wanted} = "
+                f"{prompt + wanted} > the model's {limit} positions (config.llm_config.max_position_embeddings); "
+                "shorten the question/history or lower max_new_tokens")
+        kwargs["max_new_tokens"] = min(wanted, limit - prompt)
     return kwargs
 
 
@@ -118,8 +157,9 @@ def chat_turn(
 ) -> ChatTurn:
     """One chat turn (batch of one) returning the answer, new history and the generated ids."""
     processor = NaViLProcessor.from_config(model, tokenizer)
+    _check_max_new_tokens(generation.get("max_new_tokens", DEFAULT_GENERATION["max_new_tokens"]))
     inputs = processor([image], [question], [history], system_message)
-    generated = _run_generate(model, inputs, _generation_kwargs(processor, generation))
+    generated = _run_generate(model, inputs, _generation_kwargs(processor, generation, model, inputs))
     answers = _decode_answers(processor, generated)
     new_history = [*(history or []), (inputs.questions[0], answers[0])]
     return ChatTurn(answers, [new_history], inputs.prompts, inputs.input_ids, generated)
@@ -170,6 +210,7 @@ class ChatStream:
         self._history = history or []
         self._question = inputs.questions[0]
         self.prompt = inputs.prompts[0]
+        self.input_ids = inputs.input_ids
         self.answer: str | None = None
         self.history: History | None = None
         self._thread = threading.Thread(
@@ -234,12 +275,19 @@ def chat(
         stream: return a :class:`ChatStream` that yields text pieces as they are generated (its
             ``answer``/``history`` are set once exhausted).
         system_message: overrides the config's / template's system message.
-        generation: ``model.generate`` options (default greedy, ``max_new_tokens=1024``).
+        generation: ``model.generate`` options (default greedy, ``max_new_tokens=1024``, lowered to what the
+            context window leaves).
+
+    Raises:
+        PromptError: malformed question/history/system message (not strings, lone surrogates, …);
+            :class:`PromptTooLongError` when the prompt plus an explicit ``max_new_tokens`` exceeds the
+            model's positions.  ConfigError: ``max_new_tokens`` is not a positive int.
     """
     if stream:
         processor = NaViLProcessor.from_config(model, tokenizer)
+        _check_max_new_tokens(generation.get("max_new_tokens", DEFAULT_GENERATION["max_new_tokens"]))
         inputs = processor([image], [question], [history], system_message)
-        return ChatStream(model, processor, inputs, _generation_kwargs(processor, generation), history)
+        return ChatStream(model, processor, inputs, _generation_kwargs(processor, generation, model, inputs), history)
     turn = chat_turn(model, tokenizer, image, question, history, system_message=system_message, **generation)
     return turn.answer, turn.history
 
@@ -260,8 +308,9 @@ def batch_chat(
     history per sample (``.answers``, ``.histories``) and the new ids ``[B, T]``.
     """
     processor = NaViLProcessor.from_config(model, tokenizer)
+    _check_max_new_tokens(generation.get("max_new_tokens", DEFAULT_GENERATION["max_new_tokens"]))
     inputs = processor(images, questions, histories, system_message)
-    generated = _run_generate(model, inputs, _generation_kwargs(processor, generation))
+    generated = _run_generate(model, inputs, _generation_kwargs(processor, generation, model, inputs))
     answers = _decode_answers(processor, generated)
     previous = list(histories) if histories is not None else [None] * len(questions)
     new_histories = [[*(h or []), (q, a)] for h, q, a in zip(previous, inputs.questions, answers)]
@@ -269,19 +318,21 @@ def batch_chat(
 
 
 def load_chat_model(path: str | Any, *, dtype: Any = None, device_map: Any = None, **kwargs: Any) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` for chatting from a checkpoint directory.
+    """Load ``(model, tokenizer)`` for chatting from a checkpoint directory (or a hub id, resolved like
+    :func:`navil_utils.load_model` does: :class:`~navil_utils.errors.OfflineError` when unreachable).
 
     The tokenizer comes from the checkpoint's own files (:func:`navil_utils.load_tokenizer`) and the ids
     of NaViL's tokens are looked up in it, so the model and the tokenizer always agree.  (The golden
     fixtures ship no tokenizer: load them with :func:`navil_utils.load_golden_chat_model`.)
     """
-    from pathlib import Path
-
     from navil_utils.errors import CheckpointNotFoundError
+    from navil_utils.models.checkpoint import resolve_checkpoint
     from navil_utils.models.loading import load_model
     from navil_utils.processing.tokenizers import load_tokenizer, navil_token_ids
 
-    directory = Path(path)
+    # a hub id is resolved (or refused with OfflineError) exactly as load_model does it
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if kwargs.get(k) is not None}
+    directory = resolve_checkpoint(path, **hub)
     if (directory / "meta.json").is_file() and not any(
             (directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise CheckpointNotFoundError(

@@ -68,3 +68,21 @@ class WeightsMismatchError(CheckpointError):
 class WorkbookFilesError(NaViLError, FileNotFoundError):
     """The workbook's own files (data/, tests/fixtures/, figures/) cannot be found — e.g. navil_utils was
     installed without its repository."""
+
+
+class PromptTooLongError(PromptError):
+    """The prompt (plus the requested new tokens) does not fit the model's context window; the message
+    gives both numbers."""
+
+
+class ImageTimeoutError(ImageLoadError, TimeoutError):
+    """Reading an image (a slow URL, a pipe, a stalled file system) took longer than its deadline."""
+
+
+class InvalidWeightsError(CheckpointError):
+    """A checkpoint's tensors load but cannot be right: NaN/Inf values or a non-floating dtype."""
+
+
+class RunDirectoryError(ConfigError):
+    """A training output directory holds a different run (its saved configuration differs) or an
+    unusable state; the message names the option(s) that differ."""

@@ -3,8 +3,12 @@ for truncated, non-image, bomb-sized, missing and unreachable inputs — through
 preprocessors."""
 from __future__ import annotations
 
+import errno
+import http.server
 import io
+import os
 import struct
+import threading
 import time
 import zlib
 
@@ -13,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from navil_utils.errors import ImageLoadError, ImageNotFoundError
+from navil_utils.errors import ImageLoadError, ImageNotFoundError, ImageTimeoutError
 from navil_utils.processing.image_io import (
     DEFAULT_MAX_IMAGE_PIXELS,
     load_image,
@@ -262,3 +266,154 @@ def test_encoded_bytes_and_buffers_round_trip():
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     assert np.array_equal(np.asarray(load_image(buffer.getvalue())), np.asarray(image))
+
+
+# --------------------------------------------------------------------------- deadlines and special files
+
+_PNG = io.BytesIO()
+make_test_pattern(16, 24).save(_PNG, format="PNG")
+PNG_BYTES = _PNG.getvalue()
+
+
+class _ImageServer(http.server.BaseHTTPRequestHandler):
+    """/ok.png: the whole image; /trickle.png: the image one byte every 0.1 s (Content-Length set);
+    /trickle-headers: the status line one byte every 0.1 s; /silent: headers, then nothing;
+    /stream: 2 MB in chunks without Content-Length."""
+
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def _trickle(self, data: bytes, limit: int = 200) -> None:
+        for byte in data[:limit]:
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:  # the client gave up (shut its socket down)
+                return
+            time.sleep(0.1)
+
+    def do_GET(self):
+        if self.path == "/trickle-headers":
+            self._trickle(b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\n\r\n")
+            return
+        if self.path == "/stream":
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(32):
+                try:
+                    self.wfile.write(b"\0" * 65536)
+                except OSError:
+                    return
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(PNG_BYTES)))
+        self.end_headers()
+        if self.path == "/ok.png":
+            self.wfile.write(PNG_BYTES)
+        elif self.path == "/trickle.png":
+            self._trickle(PNG_BYTES)
+        elif self.path == "/silent":
+            self.wfile.flush()
+            time.sleep(3)
+
+
+@pytest.fixture()
+def image_server(monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageServer)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_download_through_local_server(image_server):
+    loaded = load_image(f"{image_server}/ok.png", deadline=5.0)
+    assert np.array_equal(np.asarray(loaded), np.asarray(make_test_pattern(16, 24)))
+
+
+@pytest.mark.parametrize("path", ["/trickle.png", "/trickle-headers"])
+def test_trickling_url_hits_the_overall_deadline(image_server, path):
+    url = f"{image_server}{path}"
+    start = time.perf_counter()
+    with pytest.raises(ImageTimeoutError) as info:
+        load_image(url, timeout=5.0, deadline=1.0)  # each read is fast: only the deadline can stop it
+    elapsed = time.perf_counter() - start
+    assert 0.9 <= elapsed < 3.0, elapsed
+    assert url in str(info.value) and "deadline of 1 s" in str(info.value)
+    assert isinstance(info.value, ImageLoadError) and isinstance(info.value, TimeoutError)
+
+
+def test_silent_url_hits_the_read_timeout(image_server):
+    start = time.perf_counter()
+    with pytest.raises(ImageTimeoutError, match=r"/silent: no data for 0\.5 s"):
+        load_image(f"{image_server}/silent", timeout=0.5, deadline=10.0)
+    assert time.perf_counter() - start < 2.5
+
+
+def test_url_download_size_limit(image_server):
+    with pytest.raises(ImageLoadError, match=r"ok\.png is larger than 100 bytes") as info:
+        load_image(f"{image_server}/ok.png", max_bytes=100)  # refused from Content-Length
+    assert not isinstance(info.value, ImageTimeoutError)
+    with pytest.raises(ImageLoadError, match=r"/stream is larger than 100000 bytes"):
+        load_image(f"{image_server}/stream", max_bytes=100_000)  # no Content-Length: counted while reading
+
+
+def test_deadline_must_be_positive():
+    with pytest.raises(ValueError, match="deadline must be a finite number of seconds > 0"):
+        load_image("http://127.0.0.1:9/x.png", deadline=0)
+
+
+def _load_in_thread(source, seconds: float = 5.0):
+    """Call load_image(source) in a daemon thread; return (finished, exception)."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            load_image(source)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive(), outcome.get("error")
+
+
+def _unblock_fifo_reader(path) -> None:
+    """If a reader is (wrongly) blocked opening the FIFO, let it through to end of file."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        assert exc.errno == errno.ENXIO  # no reader: nothing was blocked
+
+
+def test_fifo_path_is_refused_immediately(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.png"
+    link.symlink_to(fifo)
+    try:
+        for source in (fifo, str(link)):
+            start = time.perf_counter()
+            finished, error = _load_in_thread(source)
+            assert finished, f"load_image({source}) blocked on a FIFO"
+            assert time.perf_counter() - start < 1.0
+            assert isinstance(error, ImageLoadError) and not isinstance(error, ImageNotFoundError)
+            assert str(source) in str(error) and "named pipe (FIFO), not a regular file" in str(error)
+        with pytest.raises(ImageLoadError, match="not a regular file"):
+            preprocess_multiscale(fifo, **SMALL)
+    finally:
+        _unblock_fifo_reader(fifo)
+
+
+def test_device_file_is_refused():
+    with pytest.raises(ImageLoadError, match=f"{os.devnull}: is a character device, not a regular file"):
+        load_image(os.devnull)

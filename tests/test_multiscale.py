@@ -214,7 +214,7 @@ def test_token_counts_match_image_span():
     image = _random_image(300, 700, seed=1)
     out = preprocess_multiscale(image, min_pixels=GOLDEN_MIN, max_pixels=200 * 256)
     span = out.image_span_text()
-    n, p, m = out.pixel_values.shape[0], out.patch_size, out.merge_size
+    n, m = out.pixel_values.shape[0], out.merge_size
     assert span.count(IMG_CONTEXT_TOKEN) == out.num_visual_tokens == n // m**2
     assert span.count(IMG_LINE_BREAK_TOKEN) == sum(s.tokens.rows for s in out.scales)
     assert span.count(IMG_FRAME_BREAK_TOKEN) == len(out.scales) == out.num_scales[0]

@@ -148,7 +148,10 @@ def test_run_notebooks_executes_in_place_and_is_idempotent(tmp_path):
     first = path.read_text()
     executed = nbformat.read(path, as_version=4)
     assert executed.cells[0].outputs[0]["text"] == "tensor([0.4963, 0.7682])\n"
-    assert "widget-view" not in first and "model_id" not in first
+    widget_view = executed.cells[1].outputs[0]["data"]["application/vnd.jupyter.widget-view+json"]
+    state = executed.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert state[widget_view["model_id"]]["model_name"] == "IntSliderModel", "the widget shows without a kernel"
+    assert state[widget_view["model_id"]]["state"]["value"] == 3
     assert [o["text"] for o in executed.cells[2].outputs] == ["a\nb\n"], "adjacent streams are merged"
     timing = executed.cells[3].outputs[0]["text"]
     execute_notebook(path, timeout=120)

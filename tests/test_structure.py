@@ -39,7 +39,7 @@ MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 def test_top_level_holds_only_the_api_errors_constants_chat_and_command_lines():
     top = {p.name for p in PACKAGE.glob("*.py")}
-    assert top == {"__init__.py", "errors.py", "constants.py", "paths.py", "chatting.py", "train.py", "evaluate.py"}
+    assert top == {"__init__.py", "errors.py", "constants.py", "paths.py", "chatting.py", "train.py", "evaluate.py", "cli.py"}
     scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == {"navil-train", "navil-evaluate", "navil-run-notebooks"}
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == SUBPACKAGES

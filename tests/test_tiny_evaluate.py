@@ -78,3 +78,45 @@ def test_shipped_model_accuracy_on_fixed_questions(tiny_model):
     with_images = evaluate_model(model, tokenizer, samples=samples, batch_size=50).overall
     without = evaluate_model(model, tokenizer, samples=blank, batch_size=50).overall
     assert with_images > without + 0.15, (with_images, without)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n": 0}, "n .* must be a positive integer, got 0"),
+    ({"n": -5}, "n .* must be a positive integer, got -5"),
+    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"batch_size": -1}, "batch_size must be a positive integer, got -1"),
+    ({"samples": []}, "samples is empty"),
+    ({"scales": "middle"}, "scales must be one of"),
+])
+def test_evaluate_model_refuses_to_score_nothing(kwargs, message):
+    with pytest.raises(ConfigError, match=message):  # checked before the model is touched
+        evaluate_model(None, None, **kwargs)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--n", "0"], "argument --n: must be a positive integer (>= 1), got '0'"),
+    (["--n", "-5"], "argument --n: must be a positive integer (>= 1), got '-5'"),
+    (["--n", "ten"], "argument --n: expected an integer, got 'ten'"),
+    (["--batch-size", "-1"], "argument --batch-size: must be a positive integer"),
+    (["--seed", "-3"], "argument --seed: must be a non-negative integer"),
+    (["--threads", "0"], "argument --threads: must be a positive integer"),
+    (["--device", "toaster"], "argument --device: not a torch device: 'toaster'"),
+])
+def test_cli_rejects_bad_arguments_in_one_line(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(TINY), *argv])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], captured.err
+
+
+def test_cli_reports_a_missing_model_in_one_line(capsys, tmp_path):
+    missing = tmp_path / "no-such-model"
+    assert main(["--model", str(missing), "--n", "2"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no score at all, so no JSON line
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m navil_utils.evaluate: error: ")
+    assert str(missing) in lines[0]

@@ -149,3 +149,26 @@ def device_of_parameter(param_name: str, device_map: Mapping[str, int | str]) ->
     if device is None:
         raise KeyError(f"parameter {param_name!r} is not covered by the device map")
     return device
+
+
+def device_map_bytes(model, device_map: Mapping[str, int | str], dtype=None) -> dict[int | str, int]:
+    """Weight bytes per device of any accelerate-format ``device_map`` (e.g. a hand-written one), summed over
+    ``model``'s parameters (``numel × element size`` of ``dtype``, default each parameter's own dtype)."""
+    import torch
+
+    itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+    totals: dict[int | str, int] = {}
+    for name, param in model.named_parameters():
+        device = device_of_parameter(name, device_map)
+        totals[device] = totals.get(device, 0) + param.numel() * (itemsize or param.element_size())
+    return totals
+
+
+def modules_per_device(device_map: Mapping[str, int | str], module_prefix: str, count: int) -> dict[int | str, int]:
+    """How many of the modules ``{module_prefix}.0 … {module_prefix}.{count-1}`` (e.g. decoder layers) each
+    device holds under ``device_map`` (accelerate format; a parent entry covers its children)."""
+    per: dict[int | str, int] = {}
+    for index in range(count):
+        device = device_of_parameter(f"{module_prefix}.{index}", device_map)
+        per[device] = per.get(device, 0) + 1
+    return per

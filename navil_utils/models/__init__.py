@@ -18,6 +18,8 @@ from navil_utils.models.modeling_navil import (
     NaViLForConditionalGeneration,
     NaViLImageFeatures,
 )
+from navil_utils.models.configuration_nvlm_d import NVLMDConfig
+from navil_utils.models.modeling_nvlm_d import NVLMDForConditionalGeneration, load_nvlm_d, save_nvlm_d
 from navil_utils.models.qwen3_ve import Qwen3VEForCausalLM
 from navil_utils.models.vision import NaViLVisionModel, NaViLVisionOutput, window_layout
 
@@ -25,6 +27,7 @@ register_auto_classes()
 
 __all__ = [
     "InternLM2VEConfig", "InternLM2VEForCausalLM", "NaViLChatConfig", "NaViLForConditionalGeneration",
-    "NaViLImageFeatures", "NaViLVisionConfig", "NaViLVisionModel", "NaViLVisionOutput", "Qwen3VEConfig",
-    "Qwen3VEForCausalLM", "load_model", "register_auto_classes", "window_layout",
+    "NaViLImageFeatures", "NaViLVisionConfig", "NaViLVisionModel", "NaViLVisionOutput", "NVLMDConfig",
+    "NVLMDForConditionalGeneration", "Qwen3VEConfig", "Qwen3VEForCausalLM", "load_model", "load_nvlm_d",
+    "register_auto_classes", "save_nvlm_d", "window_layout",
 ]

@@ -32,6 +32,7 @@ from navil_utils.errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    InvalidWeightsError,
     OfflineError,
     WeightsMismatchError,
 )
@@ -63,6 +64,11 @@ def _hub_offline_requested() -> bool:
     return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
 
 
+def looks_like_hub_id(text: str) -> bool:
+    """Whether ``text`` has the form of a hub id (``org/name``, not an absolute path)."""
+    return bool(_HUB_ID.match(str(text))) and not Path(str(text)).is_absolute()
+
+
 def resolve_checkpoint(path_or_id: str | os.PathLike, *, revision: str | None = None,
                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                        local_files_only: bool = False) -> Path:
@@ -78,7 +84,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, *, revision: str | None = 
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a checkpoint directory containing {CONFIG_NAME}")
     text = str(path_or_id)
-    if not _HUB_ID.match(text) or Path(text).is_absolute():
+    if not looks_like_hub_id(text):
         raise CheckpointNotFoundError(f"checkpoint directory {path} does not exist")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -125,21 +131,27 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     raise CheckpointNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}{hint}")
 
 
-def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape from the safetensors headers (no tensor data is read)."""
+def checkpoint_headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """Tensor name → ``(shape, safetensors dtype such as "F32"/"I64", file)`` from the headers (no data read)."""
     from safetensors import SafetensorError, safe_open
 
-    shapes: dict[str, tuple[int, ...]] = {}
+    headers: dict[str, tuple[tuple[int, ...], str, Path]] = {}
     for file in files:
         if file.stat().st_size < 8:
             raise CorruptCheckpointError(f"{file} is truncated ({file.stat().st_size} bytes)")
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    tensor = handle.get_slice(key)
+                    headers[key] = (tuple(tensor.get_shape()), str(tensor.get_dtype()), file)
         except SafetensorError as err:
             raise CorruptCheckpointError(f"{file} is not a readable safetensors file: {err}") from err
-    return shapes
+    return headers
+
+
+def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from the safetensors headers (no tensor data is read)."""
+    return {key: shape for key, (shape, _, _) in checkpoint_headers(files).items()}
 
 
 # ----------------------------------------------------------------------------- config
@@ -150,8 +162,13 @@ def load_config(directory: str | os.PathLike, **overrides: Any) -> NaViLChatConf
         raise CheckpointNotFoundError(f"{file} not found: {directory} is not a model directory")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CorruptCheckpointError(f"{file} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a JSON object (the model config), got a JSON {type(data).__name__}")
+    for key in ("llm_config", "vision_config"):
+        if key in data and not isinstance(data[key], dict):
+            raise ConfigError(f"{file}: {key!r} must be a JSON object, got {type(data[key]).__name__}")
     model_type = data.get("model_type")
     if model_type != NaViLChatConfig.model_type:
         raise ConfigError(f"{file} has model_type {model_type!r}; this loader reads NaViL checkpoints "
@@ -161,12 +178,25 @@ def load_config(directory: str | os.PathLike, **overrides: Any) -> NaViLChatConf
 
 
 # ----------------------------------------------------------------------------- strict key check
-def expected_shapes(config: NaViLChatConfig, model_class: type) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """State-dict shapes of ``model_class(config)`` (built on the meta device) and its tied keys."""
+def _meta_state(config: NaViLChatConfig, model_class: type) -> tuple[dict[str, tuple[int, ...]], set[str], dict[str, str]]:
+    """Shapes, floating-point keys and tied keys of ``model_class(config)``'s state dict (meta device)."""
     with torch.device("meta"):
         model = model_class(config)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return shapes, dict(model.all_tied_weights_keys)
+    state = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    floating = {k for k, v in state.items() if v.is_floating_point()}
+    return shapes, floating, dict(model.all_tied_weights_keys)
+
+
+def expected_shapes(config: NaViLChatConfig, model_class: type) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """State-dict shapes of ``model_class(config)`` (built on the meta device) and its tied keys."""
+    shapes, _, tied = _meta_state(config, model_class)
+    return shapes, tied
+
+
+def _is_floating_dtype(safetensors_dtype: str) -> bool:
+    """``F64``/``F32``/``F16``/``BF16``/``F8_*``… are floating; ``I*``/``U*``/``BOOL``/``C*`` are not."""
+    return safetensors_dtype.startswith(("F", "BF"))
 
 
 def _listing(keys: list[Any]) -> str:
@@ -175,16 +205,29 @@ def _listing(keys: list[Any]) -> str:
 
 
 def check_weights(config: NaViLChatConfig, found: Mapping[str, tuple[int, ...]], model_class: type,
-                  where: str = "checkpoint") -> None:
+                  where: str = "checkpoint",
+                  dtypes: Mapping[str, tuple[str, Path]] | None = None) -> None:
     """Raise :class:`WeightsMismatchError` unless ``found`` (name → shape) matches the model exactly.
 
     A tied target (e.g. ``language_model.output.weight`` when ``tie_word_embeddings``) may be absent.
+    With ``dtypes`` (name → (safetensors dtype, file)) a non-floating tensor where the model has a
+    floating one raises :class:`InvalidWeightsError` naming the file(s) and key(s).
     """
-    expected, tied = expected_shapes(config, model_class)
-    missing = sorted(k for k in expected if k not in found and k not in tied)
+    expected, floating, tied = _meta_state(config, model_class)
+    compare_state_shapes(expected, found, f"{where} does not match the NaViL model built from its config", tied)
+    if dtypes is not None:
+        _check_dtypes(floating, dtypes)
+
+
+def compare_state_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                         what: str, optional: Mapping[str, Any] | set[str] = frozenset()) -> None:
+    """Raise :class:`WeightsMismatchError` (``what`` + the missing, unexpected and wrongly shaped keys) unless
+    ``found`` (name → shape) has exactly the keys and shapes of ``expected``; keys in ``optional`` (e.g. tied
+    weights) may be absent."""
+    missing = sorted(k for k in expected if k not in found and k not in optional)
     unexpected = sorted(k for k in found if k not in expected)
-    mismatched = sorted((k, tuple(found[k]), expected[k]) for k in expected
-                        if k in found and tuple(found[k]) != expected[k])
+    mismatched = sorted((k, tuple(found[k]), tuple(expected[k])) for k in expected
+                        if k in found and tuple(found[k]) != tuple(expected[k]))
     if not (missing or unexpected or mismatched):
         return
     parts = []
@@ -195,8 +238,60 @@ def check_weights(config: NaViLChatConfig, found: Mapping[str, tuple[int, ...]],
     if mismatched:
         parts.append(f"{len(mismatched)} wrongly shaped key(s): "
                      + _listing([f"{k} (file {f}, model {m})" for k, f, m in mismatched]))
-    raise WeightsMismatchError(f"{where} does not match the NaViL model built from its config — "
-                               + "; ".join(parts), missing, unexpected, mismatched)
+    raise WeightsMismatchError(f"{what} — " + "; ".join(parts), missing, unexpected, mismatched)
+
+
+def _by_file(entries: list[tuple[Path | None, str]]) -> str:
+    files: dict[str, list[str]] = {}
+    for file, text in entries:
+        files.setdefault(str(file) if file is not None else "the checkpoint", []).append(text)
+    return "; ".join(f"{file}: {_listing(items)}" for file, items in files.items())
+
+
+def _check_dtypes(floating: set[str], dtypes: Mapping[str, tuple[str, Path]]) -> None:
+    """Raise :class:`InvalidWeightsError` for a non-floating tensor where the model has a floating one
+    (buffers that are integer in the model keep whatever integer dtype they have)."""
+    bad = sorted((file, f"{key} ({dtype})") for key, (dtype, file) in dtypes.items()
+                 if key in floating and not _is_floating_dtype(dtype))
+    if bad:
+        raise InvalidWeightsError(f"{len(bad)} tensor(s) have a non-floating dtype where the model has floating "
+                                  f"weights — {_by_file(bad)}")
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """``torch.isfinite(tensor).all()`` in chunks (no full-size boolean copy of a large tensor)."""
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def check_finite_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Raise :class:`InvalidWeightsError` if a floating weight of the loaded ``model`` holds NaN or Inf.
+
+    One ``isfinite`` pass per tensor (tensors left on the meta device are skipped).  The message names
+    the key(s) and the safetensors file each came from, and says whether the value is in the file or
+    appeared when casting to the model's dtype (overflow, e.g. float32 → float16).
+    """
+    bad = [(key, tensor) for key, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and tensor.device.type != "meta" and not _all_finite(tensor)]
+    if not bad:
+        return
+    try:
+        headers = checkpoint_headers(weight_files(directory))
+    except CheckpointError:
+        headers = {}
+    from safetensors import safe_open
+
+    entries = []
+    for key, tensor in bad:
+        file = headers[key][2] if key in headers else None
+        why = "NaN/Inf"
+        if file is not None:
+            with safe_open(str(file), framework="pt") as handle:
+                stored = handle.get_tensor(key)
+            if stored.is_floating_point() and _all_finite(stored):
+                why = f"Inf after casting {stored.dtype} to {tensor.dtype} (values out of range)"
+        entries.append((file, f"{key} ({why})"))
+    raise InvalidWeightsError(f"{len(bad)} tensor(s) hold NaN/Inf values — {_by_file(entries)}")
 
 
 # ----------------------------------------------------------------------------- special tokens
@@ -220,16 +315,27 @@ def special_token_ids_from_tokenizer_files(directory: str | os.PathLike) -> dict
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
 
-    config = read("tokenizer_config.json") or {}
-    for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
-        if isinstance(entry, dict) and entry.get("content") in wanted:
-            found[entry["content"]] = int(token_id)
-    for entry in (read("tokenizer.json") or {}).get("added_tokens") or []:
-        if isinstance(entry, dict) and entry.get("content") in wanted:
-            found.setdefault(entry["content"], int(entry["id"]))
-    for content, token_id in (read("added_tokens.json") or {}).items():
-        if content in wanted:
-            found.setdefault(content, int(token_id))
+    def read_object(name: str) -> dict[str, Any]:
+        data = read(name)
+        return data if isinstance(data, dict) else {}
+
+    def read_int(value: Any) -> int | None:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
+
+    decoder = read_object("tokenizer_config.json").get("added_tokens_decoder")
+    for token_id, entry in (decoder.items() if isinstance(decoder, dict) else []):
+        if isinstance(entry, dict) and entry.get("content") in wanted and read_int(token_id) is not None:
+            found[entry["content"]] = read_int(token_id)
+    added = read_object("tokenizer.json").get("added_tokens")
+    for entry in added if isinstance(added, list) else []:
+        if isinstance(entry, dict) and entry.get("content") in wanted and read_int(entry.get("id")) is not None:
+            found.setdefault(entry["content"], read_int(entry["id"]))
+    for content, token_id in read_object("added_tokens.json").items():
+        if content in wanted and read_int(token_id) is not None:
+            found.setdefault(content, read_int(token_id))
     if IMG_CONTEXT_TOKEN in found and IMG_START_TOKEN in found:
         return found
     if not any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
@@ -255,5 +361,7 @@ def prepare_pretrained(path: str | os.PathLike, config: Any, hub_kwargs: dict[st
         config = load_config(directory if config is None else config, **config_overrides)
     elif not isinstance(config, NaViLChatConfig):
         raise ConfigError(f"config must be a NaViLChatConfig, got {type(config).__name__}")
-    check_weights(config, checkpoint_shapes(weight_files(directory)), model_class, where=str(directory))
+    headers = checkpoint_headers(weight_files(directory))
+    check_weights(config, {k: shape for k, (shape, _, _) in headers.items()}, model_class, where=str(directory),
+                  dtypes={k: (dtype, file) for k, (_, dtype, file) in headers.items()})
     return directory, config

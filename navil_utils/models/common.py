@@ -276,3 +276,19 @@ class NaViLDecoderOutput(ModelOutput):
     cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def build_on_meta(model_class: type, config: Any, dtype: torch.dtype | None = None):
+    """``model_class(config)`` on the ``meta`` device (shapes, no memory), in eval mode; ``dtype`` sets the
+    parameters' dtype (the default dtype is restored afterwards)."""
+    from accelerate import init_empty_weights
+
+    previous = torch.get_default_dtype()
+    try:
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        with init_empty_weights(include_buffers=False):
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()

@@ -43,7 +43,8 @@ def load_model(
             ``transformers.AttentionInterface`` (e.g. an attention-capture function).
         kwargs: further ``from_pretrained`` arguments (``revision``, ``cache_dir``, ``token``, ...).
     Raises:
-        CheckpointNotFoundError, CorruptCheckpointError, WeightsMismatchError, ConfigError, OfflineError.
+        CheckpointNotFoundError, CorruptCheckpointError, WeightsMismatchError, ConfigError, OfflineError,
+        InvalidWeightsError (NaN/Inf values, or an integer tensor where the model has floating weights).
     """
     from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
 

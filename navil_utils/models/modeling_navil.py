@@ -46,6 +46,7 @@ from navil_utils.constants import (
 )
 from navil_utils.errors import ConfigError, ModelInputError, WeightsMismatchError
 from navil_utils.models.checkpoint import (
+    check_finite_weights,
     prepare_pretrained,
     special_token_ids_from_tokenizer_files,
 )
@@ -138,7 +139,8 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,
                         config: NaViLChatConfig | str | os.PathLike | None = None,
                         special_token_ids: dict[str, int] | None = None, **kwargs: Any):
-        """Strict ``from_pretrained``: names and shapes of every tensor are checked before loading.
+        """Strict ``from_pretrained``: names, shapes and dtypes of every tensor are checked before loading,
+        and the loaded floating weights must be finite (:class:`~navil_utils.errors.InvalidWeightsError`).
 
         Accepts a local checkpoint directory or a hub id (see :func:`navil_utils.models.loading.load_model`
         for the errors raised); ``special_token_ids`` as in ``load_model``.  Used by ``AutoModel`` too.
@@ -156,6 +158,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             raise WeightsMismatchError(f"loading {directory} left missing {missing}, unexpected {unexpected}, "
                                        f"mismatched {mismatched}, errors {info.get('error_msgs')}",
                                        missing, unexpected, mismatched)
+        check_finite_weights(model, directory)
         ids = special_token_ids or special_token_ids_from_tokenizer_files(directory) or config.special_token_ids
         if ids:
             model.set_special_token_ids(ids)

@@ -164,20 +164,10 @@ def build_empty_model(config, dtype=None):
 
     ``dtype`` (e.g. ``torch.bfloat16``) sets the parameters' dtype, which the device-map planner uses.
     """
-    import torch
-    from accelerate import init_empty_weights
-
+    from navil_utils.models.common import build_on_meta
     from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
 
-    previous = torch.get_default_dtype()
-    try:
-        if dtype is not None:
-            torch.set_default_dtype(dtype)
-        with init_empty_weights(include_buffers=False):
-            model = NaViLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    return build_on_meta(NaViLForConditionalGeneration, config, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,3 +249,27 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
     if system_message is not None:
         config["system_message"] = system_message
     return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# NVLM-D (the comparison system): configs live in configuration_nvlm_d, re-exported here with the others
+def nvlm_d_72b_config(**overrides: Any):
+    """:class:`~navil_utils.models.configuration_nvlm_d.NVLMDConfig` of NVLM-D-72B (see
+    :func:`navil_utils.models.configuration_nvlm_d.nvlm_d_72b_config`)."""
+    from navil_utils.models import configuration_nvlm_d
+
+    return configuration_nvlm_d.nvlm_d_72b_config(**overrides)
+
+
+def tiny_nvlm_d_config(vocab_size: int = 128, image_token_id: int | None = None, **sizes: Any):
+    """A tiny NVLM-D config for tests (see :func:`navil_utils.models.configuration_nvlm_d.tiny_nvlm_d_config`)."""
+    from navil_utils.models import configuration_nvlm_d
+
+    return configuration_nvlm_d.tiny_nvlm_d_config(vocab_size, image_token_id, **sizes)
+
+
+def build_empty_nvlm_d(config, dtype=None):
+    """NVLM-D on the ``meta`` device (see :func:`navil_utils.models.modeling_nvlm_d.build_empty_nvlm_d`)."""
+    from navil_utils.models import modeling_nvlm_d
+
+    return modeling_nvlm_d.build_empty_nvlm_d(config, dtype)

@@ -14,9 +14,14 @@ and the problem.  Conversions, all documented in :func:`to_rgb`:
 """
 from __future__ import annotations
 
+import http.client
 import io
 import math
 import os
+import socket
+import stat
+import threading
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -26,17 +31,27 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from navil_utils.errors import ImageLoadError, ImageNotFoundError
+from navil_utils.errors import (
+    ConfigError,
+    ImageLoadError,
+    ImageNotFoundError,
+    ImageTimeoutError,
+)
 
 #: Anything :func:`load_image` accepts.
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 #: Pillow's decompression-bomb threshold (≈ 89.5 MPixel); larger images are refused by default.
 DEFAULT_MAX_IMAGE_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
-#: Seconds to wait for a URL before giving up (there is often no network in CI).
+#: Seconds a URL may stay silent (connecting, or between two reads) before giving up (there is often no
+#: network in CI).
 DEFAULT_URL_TIMEOUT: float = 5.0
+#: Seconds the whole download of a URL may take (connection, headers and body together); a server that
+#: trickles bytes slowly never trips the per-read :data:`DEFAULT_URL_TIMEOUT`, but trips this.
+DEFAULT_URL_DEADLINE: float = 30.0
 #: Largest download accepted from a URL.
 MAX_DOWNLOAD_BYTES: int = 64 * 1024 * 1024
+_CHUNK_BYTES = 64 * 1024
 
 _EXIF_ORIENTATION_TAG = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -60,22 +75,197 @@ def _is_url(text: str) -> bool:
     return text.startswith(("http://", "https://", "ftp://"))
 
 
-def _download(url: str, timeout: float) -> bytes:
+class _Deadline:
+    """Shuts down every socket of one download when its deadline passes.
+
+    The shutdown wakes a ``recv`` blocked anywhere (connecting, reading headers, TLS handshake, body),
+    which a per-read socket timeout cannot do against a server that trickles one byte at a time.
+    Duplicates of the sockets are kept (and closed by :meth:`stop`): a TLS wrapper detaches the
+    original socket object, but ``shutdown`` acts on the connection, whichever descriptor names it.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def passed(self) -> bool:
+        return self.expired or self.remaining() <= 0
+
+    def register(self, sock: socket.socket) -> None:
+        duplicate = sock.dup()
+        with self._lock:
+            self._sockets.append(duplicate)
+            expired = self.expired
+        if expired:
+            self._shutdown(duplicate)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shutdown(sock)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            sock.close()
+
+    def connection_class(self, base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+        """``base`` whose sockets are registered with this deadline as soon as they are connected."""
+        deadline = self
+
+        class _WatchedConnection(base):  # type: ignore[valid-type, misc]
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, **kwargs)
+                create = self._create_connection
+
+                def _create_and_register(*c_args, **c_kwargs):
+                    sock = create(*c_args, **c_kwargs)
+                    deadline.register(sock)
+                    return sock
+
+                self._create_connection = _create_and_register
+
+        return _WatchedConnection
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(self._deadline.connection_class(http.client.HTTPConnection), req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def https_open(self, req):
+        kwargs = {"context": self._context}
+        if getattr(self, "_check_hostname", None) is not None:  # Python < 3.12
+            kwargs["check_hostname"] = self._check_hostname
+        return self.do_open(self._deadline.connection_class(http.client.HTTPSConnection), req, **kwargs)
+
+
+def _is_socket_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
+
+
+def _download(url: str, timeout: float, deadline: float, max_bytes: int) -> bytes:
+    """The body of ``url``: at most ``max_bytes``, within ``deadline`` seconds in all, with no silence
+    longer than ``timeout`` seconds."""
+    for label, value in (("timeout", timeout), ("deadline", deadline)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{label} must be a finite number of seconds > 0, got {value!r}")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ConfigError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+
+    def too_slow(received: int) -> ImageTimeoutError:
+        return ImageTimeoutError(
+            f"could not download image {url}: not complete within the deadline of {deadline:g} s "
+            f"({received} bytes received); pass deadline=... to allow more time")
+
+    def too_large(size: int) -> ImageLoadError:
+        return ImageLoadError(f"image at {url} is larger than {max_bytes} bytes ({size} bytes); refusing to load it")
+
+    clock = _Deadline(deadline)
+    opener = urllib.request.build_opener(_WatchedHTTPHandler(clock), _WatchedHTTPSHandler(clock))
     request = urllib.request.Request(url, headers={"User-Agent": "navil-utils"})
+    chunks: list[bytes] = []
+    received = 0
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+        with opener.open(request, timeout=min(timeout, deadline)) as response:
+            declared = (getattr(response, "headers", None) or {}).get("Content-Length", "")
+            if declared.strip().isdigit() and int(declared) > max_bytes:
+                raise too_large(int(declared))
+            read = getattr(response, "read1", None) or response.read
+            while True:
+                if clock.passed():
+                    raise too_slow(received)
+                chunk = read(_CHUNK_BYTES)
+                if not chunk:
+                    if clock.passed():  # the deadline shut the socket: this end of data is not the file's
+                        raise too_slow(received)
+                    break
+                received += len(chunk)
+                if received > max_bytes:
+                    raise too_large(received)
+                chunks.append(chunk)
+    except ImageLoadError:
+        raise
     except urllib.error.HTTPError as exc:
         raise ImageLoadError(f"could not download image {url}: HTTP {exc.code} {exc.reason}") from exc
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        if clock.passed():
+            raise too_slow(received) from exc
+        if _is_socket_timeout(exc):
+            raise ImageTimeoutError(
+                f"could not download image {url}: no data for {min(timeout, deadline):g} s (timeout); "
+                f"pass timeout=... to wait longer") from exc
         reason = getattr(exc, "reason", exc)
         raise ImageLoadError(
             f"could not download image {url}: {reason} (is the network reachable? "
             f"pass a local path or a PIL image instead)"
         ) from exc
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise ImageLoadError(f"image at {url} is larger than {MAX_DOWNLOAD_BYTES} bytes; refusing to load it")
-    return data
+    finally:
+        clock.stop()
+    return b"".join(chunks)
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"),
+               (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+
+
+def _file_kind(mode: int) -> str:
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "special file")
+
+
+def _open_regular_file(path: Path, name: str) -> io.BufferedReader:
+    """Open ``path`` for reading if, and only if, it is a regular file (checked before opening: a FIFO
+    or a device could block forever or never end)."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise ImageNotFoundError(f"{name}: no such image file") from exc
+    except OSError as exc:
+        raise ImageLoadError(f"{name}: cannot read the file ({exc})") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageLoadError(f"{name}: is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageLoadError(
+            f"{name}: is a {_file_kind(info.st_mode)}, not a regular file; refusing to read it "
+            f"(it could block forever) — save the image to a file, or pass its bytes")
+    try:  # O_NONBLOCK: should the path have been swapped for a FIFO since os.stat, opening cannot block
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise ImageLoadError(f"{name}: cannot read the file ({exc})") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ImageLoadError(f"{name}: is a {_file_kind(mode)}, not a regular file; refusing to read it")
+    return os.fdopen(fd, "rb")
 
 
 def _check_pixel_count(width: int, height: int, limit: int, name: str) -> None:
@@ -174,19 +364,26 @@ def load_image(
     *,
     max_image_pixels: int | None = None,
     timeout: float = DEFAULT_URL_TIMEOUT,
+    deadline: float = DEFAULT_URL_DEADLINE,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> Image.Image:
     """Load ``source`` as a decoded RGB ``PIL.Image`` (EXIF orientation applied).
 
     Args:
-        source: a file path, an ``http(s)://`` URL (fetched with ``urllib``, ``timeout`` seconds),
-            encoded bytes, a ``PIL.Image`` (any mode) or an ``(H, W[, C])`` uint8/uint16/bool array.
+        source: a path to a regular file, an ``http(s)://`` URL (fetched with ``urllib``), encoded
+            bytes, a ``PIL.Image`` (any mode) or an ``(H, W[, C])`` uint8/uint16/bool array.
         max_image_pixels: refuse images with more pixels than this (default: Pillow's
             decompression-bomb threshold, ≈ 89.5 MPixel).
-        timeout: seconds to wait for a URL.
+        timeout: seconds a URL may stay silent (connecting, or between two reads).
+        deadline: seconds the whole download of a URL may take, however the bytes trickle in.
+        max_bytes: largest download accepted from a URL.
 
     Raises:
         ImageNotFoundError: the path does not exist.
+        ImageTimeoutError: a URL did not deliver within ``deadline`` (or was silent for ``timeout``)
+            seconds; the message names the URL and the limit.
         ImageLoadError: not an image, truncated/corrupt data, decompression bomb, unreachable URL,
+            a path that is not a regular file (directory, FIFO, device — refused without reading it),
             unsupported array — the message names the source and the problem.
     """
     limit = DEFAULT_MAX_IMAGE_PIXELS if max_image_pixels is None else int(max_image_pixels)
@@ -208,18 +405,9 @@ def load_image(
     elif isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if isinstance(text, str) and _is_url(text):
-            image = _open_encoded(io.BytesIO(_download(text, timeout)), name, limit)
+            image = _open_encoded(io.BytesIO(_download(text, timeout, deadline, max_bytes)), name, limit)
         else:
-            path = Path(text).expanduser()
-            if not path.exists():
-                raise ImageNotFoundError(f"{name}: no such image file")
-            if path.is_dir():
-                raise ImageLoadError(f"{name}: is a directory, not an image file")
-            try:
-                handle = open(path, "rb")  # noqa: SIM115 - closed right below
-            except OSError as exc:
-                raise ImageLoadError(f"{name}: cannot read the file ({exc})") from exc
-            with handle:
+            with _open_regular_file(Path(os.fsdecode(text)).expanduser(), name) as handle:
                 image = _open_encoded(handle, name, limit)
     else:
         raise ImageLoadError(

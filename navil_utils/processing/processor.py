@@ -12,6 +12,12 @@ questions (and optional history) into ``input_ids``, ``attention_mask``, ``pixel
 * the tiny tokenizer's ``chat_template.jinja`` is :meth:`NaViLProcessor.jinja_chat_template`, generated
   from the same :class:`~navil_utils.processing.templates.ChatTemplate`.
 
+Prompts are tokenised piece by piece (:class:`~navil_utils.processing.tokenizers.PromptEncoder`): control
+tokens (``<|im_start|>``, ``<|im_end|>``, ``<img>`` …) come only from the template and the image spans; the
+messages (questions, history, system message) are plain text, so a question containing ``"<img>"`` or
+``"<|im_end|><|im_start|>assistant"`` cannot open an image span or fake a turn.  Ordinary prompts get
+exactly the ids of ``tokenizer.encode(prompt)``.
+
     processor = NaViLProcessor.from_config(model.config, tokenizer)
     inputs = processor(["photo.jpg"], ["What is in the image?"])        # ChatInputs, left-padded batch
     prompt = processor.render("What is in the image?", inputs.image_grid_thw)
@@ -29,11 +35,16 @@ from navil_utils.errors import PromptError
 from navil_utils.processing.templates import (
     ChatTemplate,
     History,
+    PromptPiece,
     add_image_placeholders,
     build_prompt,
+    build_prompt_pieces,
+    check_history,
+    check_message,
+    join_pieces,
     template_from_config,
 )
-from navil_utils.processing.tokenizers import token_id
+from navil_utils.processing.tokenizers import PromptEncoder, token_id
 
 
 @dataclass
@@ -116,6 +127,18 @@ class NaViLProcessor:
         self.system_message = self.template.system_message if system_message is None else system_message
         self.budget = dict(budget)
         self.merge_size = int(self.budget.get("merge_size", 2))
+        self._encoder: PromptEncoder | None = None
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        """Encodes prompt pieces: control tokens from the template only, messages as plain text."""
+        if self._encoder is None or self._encoder.tokenizer is not self.tokenizer:
+            self._encoder = PromptEncoder(self.tokenizer)
+        return self._encoder
+
+    def encode_pieces(self, pieces: Sequence[PromptPiece], add_special_tokens: bool = True) -> list[int]:
+        """Token ids of prompt pieces (:meth:`PromptEncoder.encode`): no message can produce a control id."""
+        return self.encoder.encode(((p.text, p.is_user_text) for p in pieces), add_special_tokens)
 
     @classmethod
     def from_config(cls, config: Any, tokenizer: Any) -> NaViLProcessor:
@@ -155,6 +178,14 @@ class NaViLProcessor:
                             system_message=self.system_message if system_message is None else system_message,
                             merge_size=self.merge_size)
 
+    def render_pieces(self, question: str, image_grid_thw=None, num_scales: Sequence[int] | None = None, *,
+                      history: History | None = None, system_message: str | None = None) -> list[PromptPiece]:
+        """:meth:`render` as :class:`PromptPiece` s (template text apart from the messages)."""
+        return build_prompt_pieces(
+            question, image_grid_thw, num_scales, template=self.template, history=history,
+            system_message=self.system_message if system_message is None else system_message,
+            merge_size=self.merge_size)
+
     def text_around_image(self, question: str, system_message: str | None = None) -> tuple[str, str]:
         """``(before, after)``: the single-image prompt text before and after the image span.
 
@@ -165,6 +196,18 @@ class NaViLProcessor:
         text = self.template.render([(add_image_placeholders(question, 1), None)], system)
         before, after = text.split(IMAGE_PLACEHOLDER)
         return before, after
+
+    def pieces_around_image(self, question: str, system_message: str | None = None) -> tuple[list[PromptPiece],
+                                                                                             list[PromptPiece]]:
+        """:meth:`text_around_image` as :class:`PromptPiece` s; ``question`` is plain text (an ``<image>`` in
+        it is not a placeholder)."""
+        check_message(question, "question")
+        system = self.system_message if system_message is None else system_message
+        check_message(system, "system_message")
+        pieces = self.template.render_pieces([(IMAGE_PLACEHOLDER + "\n" + question, None)], system)
+        index = next(i for i, piece in enumerate(pieces) if piece.role == "user")
+        rest = pieces[index].text[len(IMAGE_PLACEHOLDER):]
+        return pieces[:index], [PromptPiece(rest, "user"), *pieces[index + 1:]]
 
     def jinja_chat_template(self, system_message: str | None = None) -> str:
         """The template as a Jinja chat template for tokenizer files (``apply_chat_template``)."""
@@ -192,24 +235,39 @@ class NaViLProcessor:
 
         ``images[i]`` is ``None``, one image, a list of images, or a ready ``MultiScaleInputs``.
         """
+        if isinstance(questions, str) or not isinstance(questions, Sequence):
+            raise PromptError(f"questions must be a list of strings, got {type(questions).__name__}")
+        if isinstance(images, str) or not hasattr(images, "__len__"):
+            raise PromptError(f"images must be a list (one entry per question), got {type(images).__name__}")
+        if len(questions) == 0:
+            raise PromptError("no questions given: pass at least one (image, question) pair")
         if len(images) != len(questions):
             raise PromptError(f"{len(images)} image entries for {len(questions)} questions")
+        if histories is not None and (isinstance(histories, (str, dict)) or not isinstance(histories, Sequence)):
+            raise PromptError(f"histories must be a list (one history or None per question), got "
+                              f"{type(histories).__name__}")
         histories = list(histories) if histories is not None else [None] * len(questions)
         if len(histories) != len(questions):
             raise PromptError(f"{len(histories)} histories for {len(questions)} questions")
+        if system_message is not None:
+            check_message(system_message, "system_message")
         prompts, stored, sequences, pixels, grids, num_scales = [], [], [], [], [], []
-        for image, question, history in zip(images, questions, histories):
-            if not isinstance(question, str):
-                raise PromptError(f"question must be a string, got {type(question).__name__}")
+        for row, (image, question, history) in enumerate(zip(images, questions, histories)):
+            where = "" if len(questions) == 1 else f" (sample {row})"
+            try:
+                check_message(question, "question")
+                history = check_history(history)
+            except PromptError as err:
+                raise PromptError(f"{err}{where}") from None
             inputs = self.preprocess(image)
             n_images = 0 if inputs is None else inputs.num_images
             question = add_image_placeholders(question, n_images, history)
-            prompt = self.render(question, None if inputs is None else inputs.image_grid_thw,
-                                 None if inputs is None else inputs.num_scales, history=history,
-                                 system_message=system_message)
-            prompts.append(prompt)
+            pieces = self.render_pieces(question, None if inputs is None else inputs.image_grid_thw,
+                                        None if inputs is None else inputs.num_scales, history=history,
+                                        system_message=system_message)
+            prompts.append(join_pieces(pieces))
             stored.append(question)
-            sequences.append([int(i) for i in self.tokenizer.encode(prompt)])
+            sequences.append(self.encode_pieces(pieces))
             if inputs is not None:
                 pixels.append(inputs.pixel_values)
                 grids.append(inputs.image_grid_thw)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from navil_utils.constants import IMAGE_PLACEHOLDER
 from navil_utils.errors import ConfigError, PromptError
@@ -36,6 +36,61 @@ DEFAULT_SYSTEM_MESSAGE = (
 _STRAY_SEP_FRAGMENTS = ("<|im_end|", "<|im_end", "<|im")
 
 History = list[tuple[str, str]]
+
+
+class PromptPiece(NamedTuple):
+    """A piece of a rendered prompt and where it came from.
+
+    ``role`` is ``"template"`` for text our code writes (roles, separators, image spans: its special-token
+    strings are control tokens) and ``"system"``, ``"user"`` or ``"assistant"`` for the messages, which
+    are plain text whatever they contain.
+    """
+
+    text: str
+    role: str
+
+    @property
+    def is_user_text(self) -> bool:
+        """Whether the text comes from a message (to be tokenised as plain text)."""
+        return self.role != "template"
+
+
+def join_pieces(pieces: Sequence[PromptPiece]) -> str:
+    """The prompt string of ``pieces``."""
+    return "".join(piece.text for piece in pieces)
+
+
+def check_message(text: Any, what: str) -> str:
+    """Return ``text`` if it is a string that can be encoded (UTF-8, no lone surrogate); else raise
+    :class:`PromptError` naming ``what`` (e.g. ``"question"``, ``"history[0] answer"``)."""
+    if not isinstance(text, str):
+        raise PromptError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PromptError(f"{what} is not valid Unicode text: {err.reason} at position {err.start} "
+                          f"({text[err.start:err.end]!r}); lone surrogates cannot be tokenised") from None
+    return text
+
+
+def check_history(history: Any) -> History | None:
+    """Validate a chat history: ``None`` or a list of ``(question, answer)`` string pairs.
+
+    Returns it as a list of tuples; raises :class:`PromptError` naming the first bad entry.
+    """
+    if history is None:
+        return None
+    if isinstance(history, (str, bytes, dict)) or not isinstance(history, (list, tuple)):
+        raise PromptError(f"history must be a list of (question, answer) string pairs, got {type(history).__name__}")
+    turns = []
+    for index, turn in enumerate(history):
+        if isinstance(turn, (str, bytes)) or not isinstance(turn, (list, tuple)) or len(turn) != 2:
+            shown = repr(turn) if len(repr(turn)) <= 80 else repr(turn)[:77] + "..."
+            raise PromptError(f"history[{index}] must be a (question, answer) pair of strings, got {shown}")
+        question = check_message(turn[0], f"history[{index}] question")
+        answer = check_message(turn[1], f"history[{index}] answer")
+        turns.append((question, answer))
+    return turns
 
 
 @dataclass(frozen=True)
@@ -57,12 +112,21 @@ class ChatTemplate:
 
         Like the reference, an empty or ``None`` message contributes only its role (no ``sep``).
         """
+        return join_pieces(self.render_pieces(turns, system_message))
+
+    def render_pieces(self, turns: Sequence[tuple[str, str | None]],
+                      system_message: str | None = None) -> list[PromptPiece]:
+        """:meth:`render` as :class:`PromptPiece` s: template text apart from the messages' text."""
         system = self.system_message if system_message is None else system_message
-        parts = [self.system_template.format(system_message=system), self.sep]
+        before, after = self.system_template.split("{system_message}")
+        pieces = [PromptPiece(before, "template"), PromptPiece(system, "system"),
+                  PromptPiece(after + self.sep, "template")]
         for question, answer in turns:
-            for role, message in ((self.user_role, question), (self.assistant_role, answer)):
-                parts.append(role + message + self.sep if message else role)
-        return "".join(parts)
+            for role, name, message in ((self.user_role, "user", question), (self.assistant_role, "assistant", answer)):
+                pieces.append(PromptPiece(role, "template"))
+                if message:
+                    pieces += [PromptPiece(message, name), PromptPiece(self.sep, "template")]
+        return [piece for piece in pieces if piece.text]
 
     def to_jinja(self, default_system_message: str | None = None) -> str:
         """The same format as a Jinja chat template (``tokenizer.apply_chat_template``).
@@ -202,6 +266,57 @@ def expand_image_placeholders(text: str, image_grids: Sequence[Sequence[Sequence
     return "".join(out)
 
 
+def expand_image_pieces(pieces: Sequence[PromptPiece], image_grids: Sequence[Sequence[Sequence[int]]],
+                        merge_size: int = 2) -> list[PromptPiece]:
+    """:func:`expand_image_placeholders` on pieces: the ``<image>`` placeholders of the *user* messages
+    (questions) become template pieces holding the image spans; other text keeps ``<image>`` as text."""
+    count = sum(piece.text.count(IMAGE_PLACEHOLDER) for piece in pieces if piece.role == "user")
+    if count != len(image_grids):
+        raise PromptError(
+            f"the prompt has {count} {IMAGE_PLACEHOLDER} placeholder(s) but {len(image_grids)} "
+            "image(s) were given (a follow-up turn must pass the conversation's image(s) again)"
+        )
+    out: list[PromptPiece] = []
+    images = iter(image_grids)
+    for piece in pieces:
+        if piece.role != "user" or IMAGE_PLACEHOLDER not in piece.text:
+            out.append(piece)
+            continue
+        parts = piece.text.split(IMAGE_PLACEHOLDER)
+        out.append(PromptPiece(parts[0], piece.role))
+        for rest in parts[1:]:
+            out.append(PromptPiece(image_span_text(next(images), merge_size), "template"))
+            out.append(PromptPiece(rest, piece.role))
+    return [piece for piece in out if piece.text]
+
+
+def build_prompt_pieces(
+    question: str,
+    image_grid_thw=None,
+    num_scales: Sequence[int] | None = None,
+    *,
+    template: str | ChatTemplate = "internlm2-chat",
+    history: Sequence[tuple[str, str]] | None = None,
+    system_message: str | None = None,
+    merge_size: int = 2,
+) -> list[PromptPiece]:
+    """:func:`build_prompt` as :class:`PromptPiece` s (what the processor tokenises piece by piece).
+
+    Validates the messages first: ``question``/``system_message`` must be strings and ``history`` a list of
+    ``(question, answer)`` string pairs, all valid Unicode (:class:`PromptError` otherwise).
+    """
+    chat_template = get_template(template)
+    check_message(question, "question")
+    if system_message is not None:
+        check_message(system_message, "system_message")
+    history = check_history(history)
+    grids = image_grids_per_image(image_grid_thw, num_scales)
+    question = add_image_placeholders(question, len(grids), history)
+    turns: list[tuple[str, str | None]] = [(q, a) for q, a in (history or [])]
+    turns.append((question, None))
+    return expand_image_pieces(chat_template.render_pieces(turns, system_message), grids, merge_size)
+
+
 def build_prompt(
     question: str,
     image_grid_thw=None,
@@ -226,13 +341,8 @@ def build_prompt(
         system_message: overrides the template's default system message.
         merge_size: ViT merge size m (one visual token per m×m patches).
     """
-    chat_template = get_template(template)
-    grids = image_grids_per_image(image_grid_thw, num_scales)
-    question = add_image_placeholders(question, len(grids), history)
-    turns: list[tuple[str, str | None]] = [(q, a) for q, a in (history or [])]
-    turns.append((question, None))
-    text = chat_template.render(turns, system_message)
-    return expand_image_placeholders(text, grids, merge_size)
+    return join_pieces(build_prompt_pieces(question, image_grid_thw, num_scales, template=template, history=history,
+                                           system_message=system_message, merge_size=merge_size))
 
 
 def clean_response(text: str, sep: str = "<|im_end|>") -> str:

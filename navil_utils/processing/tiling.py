@@ -99,6 +99,28 @@ def nvlm_image_span_text(num_tiles: int, tokens_per_tile: int = NVLM_TOKENS_PER_
     return NVLM_IMAGE_START_TOKEN + body + NVLM_IMAGE_END_TOKEN
 
 
+def nvlm_special_tokens(max_tiles: int = NVLM_MAX_TILES) -> list[str]:
+    """Every tag/pad string an NVLM-D image span can use with up to ``max_tiles`` regular tiles:
+    ``<Image>``, ``</Image>``, ``<tile_1>``…``<tile_{max_tiles}>``, ``<tile_global_thumbnail>``, ``<|vision_pad|>``."""
+    return ([NVLM_IMAGE_START_TOKEN, NVLM_IMAGE_END_TOKEN] + [f"<tile_{k}>" for k in range(1, max_tiles + 1)]
+            + [NVLM_THUMBNAIL_TAG, NVLM_IMAGE_CONTEXT_TOKEN])
+
+
+def nvlm_image_span_ids(num_tiles: int, token_ids: dict[str, int],
+                        tokens_per_tile: int = NVLM_TOKENS_PER_TILE) -> list[int]:
+    """Token ids of :func:`nvlm_image_span_text` for a vocabulary where every tag is one token
+    (``token_ids`` maps the strings of :func:`nvlm_special_tokens` to ids; e.g. a tiny test vocabulary —
+    the released tokenizer splits the tags into several text tokens)."""
+    missing = [t for t in (NVLM_IMAGE_START_TOKEN, NVLM_IMAGE_END_TOKEN, NVLM_IMAGE_CONTEXT_TOKEN,
+                           *nvlm_tile_tags(num_tiles)) if t not in token_ids]
+    if missing:
+        raise KeyError(f"token_ids lacks {missing}")
+    ids = [token_ids[NVLM_IMAGE_START_TOKEN]]
+    for tag in nvlm_tile_tags(num_tiles):
+        ids += [token_ids[tag]] + [token_ids[NVLM_IMAGE_CONTEXT_TOKEN]] * tokens_per_tile
+    return ids + [token_ids[NVLM_IMAGE_END_TOKEN]]
+
+
 @dataclass(frozen=True)
 class TilePlan:
     """Where NVLM-D's tiles of one image come from (sizes in pixels)."""

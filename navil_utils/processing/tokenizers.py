@@ -24,16 +24,17 @@ the points marked *assumption* could not be re-checked offline):
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from navil_utils.constants import CHAT_TOKENS, SPECIAL_TOKEN_LIST
-from navil_utils.errors import CheckpointError
+from navil_utils.errors import CheckpointError, ConfigError
 
 
 class InternLM2Tokenizer(SentencePieceBackend):
@@ -101,9 +102,12 @@ class InternLM2Tokenizer(SentencePieceBackend):
 
 def _json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got a JSON {type(data).__name__}")
+    return data
 
 
 def _llm_architecture(directory: Path) -> str | None:
@@ -112,8 +116,10 @@ def _llm_architecture(directory: Path) -> str | None:
         return None
     config = _json(config_file)
     llm = config.get("llm_config") or {}
+    if not isinstance(llm, dict):
+        raise ConfigError(f"{config_file}: 'llm_config' must be a JSON object, got {type(llm).__name__}")
     archs = llm.get("architectures") or config.get("architectures") or []
-    return archs[0] if archs else None
+    return str(archs[0]) if isinstance(archs, list) and archs else None
 
 
 def tokenizer_kind(path: str | os.PathLike) -> str:
@@ -190,3 +196,142 @@ def navil_token_ids(tokenizer: Any, tokens: Iterable[str] = CHAT_TOKENS + SPECIA
 def token_id(tokenizer: Any, token: str) -> int:
     """Id of one token string (e.g. ``<|im_end|>``), checked against ``unk``."""
     return navil_token_ids(tokenizer, [token])[token]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompt encoding: control tokens come from our template only, never from user text
+# ---------------------------------------------------------------------------------------------------
+def control_tokens(tokenizer: Any) -> dict[str, int]:
+    """Every token string the tokenizer matches as a whole inside text, with its id.
+
+    That is its added tokens (special or not, e.g. Qwen3's ``<think>``), its special tokens and NaViL's
+    chat/image tokens — whatever user text must never turn into.  Works for transformers tokenizers and
+    the fixtures' :class:`~navil_utils.reference.toy_tokenizer.ToyTokenizer` (its ``specials``).
+    """
+    strings: list[str] = []
+    added = getattr(tokenizer, "added_tokens_encoder", None)
+    if isinstance(added, dict):
+        strings += [str(s) for s in added]
+    strings += [str(s) for s in getattr(tokenizer, "specials", None) or []]
+    strings += [str(s) for s in getattr(tokenizer, "all_special_tokens", None) or []]
+    strings += list(CHAT_TOKENS) + list(SPECIAL_TOKEN_LIST)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    found: dict[str, int] = {}
+    for string in strings:
+        if not string or string in found:
+            continue
+        token = tokenizer.convert_tokens_to_ids(string)
+        if token is None or (token == unk and string != getattr(tokenizer, "unk_token", None)):
+            continue
+        found[string] = int(token)
+    return found
+
+
+class PromptEncoder:
+    """Token ids of a prompt given as pieces of template text and user text.
+
+    Template text is split on the tokenizer's control tokens (``<|im_start|>``, ``<img>``, …), which become
+    their ids; user text is encoded as plain text (``split_special_tokens=True``), so a question that
+    contains ``"<img>"`` or ``"<|im_end|>"`` yields the ids of those characters, never a control id.  The
+    text between two control tokens is encoded in one call, exactly the chunk the tokenizer itself would
+    encode for the joined string — an ordinary prompt gets the same ids as ``tokenizer.encode(prompt)``.
+
+    Where plain encoding still produces a control id (non-special added tokens such as ``<think>``,
+    sentencepiece user-defined symbols, tokenizers without ``split_special_tokens``) the text is cut
+    inside every control-token string and the parts are encoded separately; if a control id still
+    appears, :class:`~navil_utils.errors.PromptError` is raised.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        import re
+
+        self.tokenizer = tokenizer
+        self.controls = control_tokens(tokenizer)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        self.forbidden = {i for s, i in self.controls.items() if i != unk}
+        ordered = sorted(self.controls, key=len, reverse=True)  # longest match first, like the tokenizers
+        self._pattern = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
+        self._affixes: tuple[list[int], list[int]] | None = None
+
+    # ---- plain text ------------------------------------------------------------------------------
+    def _encode_chunk(self, text: str) -> list[int]:
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        except TypeError:  # a tokenizer without split_special_tokens: checked below
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return [int(i) for i in ids]
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of ``text`` as plain text: no control id, no BOS/EOS."""
+        if not text:
+            return []
+        ids = self._encode_chunk(text)
+        if self.forbidden.isdisjoint(ids) or self._pattern is None:
+            return ids
+        cuts = sorted({at + 1 for token in self.controls for at in _occurrences(text, token)})
+        bounds = [0, *cuts, len(text)]
+        ids = [i for a, b in itertools.pairwise(bounds) if b > a for i in self._encode_chunk(text[a:b])]
+        leaked = sorted(self.forbidden.intersection(ids))
+        if leaked:
+            from navil_utils.errors import PromptError
+
+            names = [s for s, i in self.controls.items() if i in leaked]
+            raise PromptError(f"the tokenizer turns user text into control token(s) {names}; cannot encode "
+                              f"{text[:80]!r} as plain text")
+        return ids
+
+    # ---- prompts ---------------------------------------------------------------------------------
+    def affixes(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer adds around a text with ``add_special_tokens=True`` (e.g. ``[<s>]``, ``[]``)."""
+        if self._affixes is None:
+            bare = [int(i) for i in self.tokenizer.encode("a", add_special_tokens=False)]
+            full = [int(i) for i in self.tokenizer.encode("a")]
+            for start in range(len(full) - len(bare) + 1):
+                if full[start:start + len(bare)] == bare:
+                    self._affixes = (full[:start], full[start + len(bare):])
+                    break
+            else:
+                self._affixes = ([], [])
+        return self._affixes
+
+    def encode(self, pieces: Iterable[tuple[str, bool]], add_special_tokens: bool = True) -> list[int]:
+        """Ids of ``"".join(text for text, _ in pieces)`` where ``(text, True)`` pieces are user text.
+
+        ``add_special_tokens`` adds what ``tokenizer.encode`` adds (InternLM2's ``<s>``).
+        """
+        ids: list[int] = []
+        run: list[str] = []
+
+        def flush() -> None:
+            ids.extend(self.encode_text("".join(run)))
+            run.clear()
+
+        for text, is_user in pieces:
+            if is_user or self._pattern is None:
+                run.append(text)
+                continue
+            position = 0
+            for match in self._pattern.finditer(text):
+                run.append(text[position:match.start()])
+                flush()
+                ids.append(self.controls[match.group(0)])
+                position = match.end()
+            run.append(text[position:])
+        flush()
+        if not add_special_tokens:
+            return ids
+        prefix, suffix = self.affixes()
+        return [*prefix, *ids, *suffix]
+
+
+def _occurrences(text: str, token: str) -> Iterator[int]:
+    """Start of every (possibly overlapping) occurrence of ``token`` in ``text``."""
+    at = text.find(token)
+    while at >= 0:
+        yield at
+        at = text.find(token, at + 1)
+
+
+def encode_user_text(tokenizer: Any, text: str) -> list[int]:
+    """Ids of user ``text`` as plain text (no control-token id, no BOS): see :class:`PromptEncoder`."""
+    return PromptEncoder(tokenizer).encode_text(text)

@@ -94,12 +94,16 @@ class ToyTokenizer:
         return self.vocab_size
 
     # ---- encoding -----------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text`` (``[<s>] + …`` for the InternLM2 variant when ``add_special_tokens``)."""
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text`` (``[<s>] + …`` for the InternLM2 variant when ``add_special_tokens``).
+
+        ``split_special_tokens=True`` encodes special-token strings as their characters (plain text).
+        """
         ids = [self.bos_token_id] if (self.add_bos and add_special_tokens) else []
+        specials = () if split_special_tokens else self._by_length
         i = 0
         while i < len(text):
-            for special in self._by_length:
+            for special in specials:
                 if text.startswith(special, i):
                     ids.append(self._special_ids[special])
                     i += len(special)

@@ -17,6 +17,9 @@ The prompt tokens equal ``tokenizer(processor.render(...))`` exactly (the text a
 from :meth:`NaViLProcessor.text_around_image`), and the answer is tokenised on its
 own — as it is generated after the prompt — so training and inference see the same ids.
 
+:class:`TiledCollator` is the same collator for the tiny NVLM-D: only the image part differs (NVLM-D's dynamic
+tiles + thumbnail, ``<Image><tile_1>`` + pads … ``<tile_global_thumbnail>`` + pads ``</Image>``).
+
 ``qa_packing="isolated"`` puts all QA pairs of a sample (``Sample.qas``) after one shared image
 prefix; each QA block attends to the prefix and to itself only (4-D additive mask) and its positions
 restart after the prefix, so every block is computed exactly as a separate single-QA sequence while
@@ -47,6 +50,7 @@ from navil_utils.models.presets import TINY_SYSTEM_MESSAGE, TINY_TEMPLATE
 from navil_utils.processing.image_tokens import image_span_ids
 from navil_utils.processing.multiscale import preprocess_multiscale
 from navil_utils.processing.processor import NaViLProcessor
+from navil_utils.processing.templates import check_message
 from navil_utils.processing.tokenizers import navil_token_ids
 from navil_utils.tiny.synthetic import QA, Sample
 
@@ -143,6 +147,9 @@ class TinyCollator:
         pad_to_multiple_of: round the padded length up (fewer distinct shapes).
     """
 
+    #: Class of the batches :meth:`collate` returns.
+    batch_class: type[TinyBatch] = TinyBatch
+
     def __init__(
         self,
         tokenizer: Any,
@@ -183,11 +190,14 @@ class TinyCollator:
         if tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token")
         self.pad_id = int(tokenizer.pad_token_id)
-        # prompt = the processor's text before the image span + span ids + its text after the span (the
-        # question and the open assistant turn); one tokenizer call each (special tokens delimit the
-        # pieces, so this equals tokenising the whole prompt)
-        self.prefix_ids = self._encode(self.processor.text_around_image("")[0])
+        # prompt = the processor's pieces before the image span + span ids + its pieces after the span (the
+        # question and the open assistant turn), encoded like the processor encodes a chat prompt: control
+        # tokens from the template only, questions and answers as plain text (special tokens delimit the
+        # pieces, so an ordinary prompt gets the ids of tokenising the whole prompt)
+        self.prefix_ids = self.processor.encode_pieces(self.processor.pieces_around_image("")[0],
+                                                       add_special_tokens=False)
         self._cache: dict[str, list[int]] = {}
+        self._answer_cache: dict[str, list[int]] = {}
 
     # ---- tokens ----------------------------------------------------------------------------------
 
@@ -200,29 +210,39 @@ class TinyCollator:
             raise ConfigError(f"{token!r} is not a single token of this tokenizer")
         return ids[0]
 
-    def _cached(self, text: str) -> list[int]:
-        ids = self._cache.get(text)
+    def question_ids(self, question: str) -> list[int]:
+        """Ids of what follows ``</img>`` in the prompt: ``"\\n{question}<|im_end|>"`` + the assistant role.
+
+        The question is plain text: special-token strings in it never become control ids."""
+        ids = self._cache.get(question)
         if ids is None:
-            ids = self._cache[text] = self._encode(text)
+            after = self.processor.pieces_around_image(question)[1]
+            ids = self._cache[question] = self.processor.encode_pieces(after, add_special_tokens=False)
         return ids
 
-    def question_ids(self, question: str) -> list[int]:
-        """Ids of what follows ``</img>`` in the prompt: ``"\\n{question}<|im_end|>"`` + the assistant role."""
-        return self._cached(self.processor.text_around_image(question)[1])
-
     def answer_ids(self, answer: str) -> list[int]:
-        """Ids of the answer followed by ``<|im_end|>`` (the supervised tokens)."""
-        return self._cached(answer) + [self.sep_id]
+        """Ids of the answer (plain text) followed by ``<|im_end|>`` (the supervised tokens)."""
+        ids = self._answer_cache.get(answer)
+        if ids is None:
+            check_message(answer, "answer")
+            ids = self._answer_cache[answer] = self.processor.encoder.encode_text(answer)
+        return ids + [self.sep_id]
 
     # ---- samples -----------------------------------------------------------------------------------
+
+    def image_inputs(self, image: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """NaViL's multi-scale input of one image: ``(image span ids, pixel_values (N, 3, p, p),
+        image_grid_thw (S, 3))`` — the span ``<img>…</img>`` holds one context token per merged patch."""
+        pre = preprocess_multiscale(image, **self.preprocess_kwargs)
+        return image_span_ids(pre.image_grid_thw, self.token_ids, self.merge_size), pre.pixel_values, pre.image_grid_thw
 
     def encode(self, sample: Sample, *, with_answers: bool = True) -> EncodedSample:
         """Token ids, labels and patches of one sample (answers omitted for generation prompts).
 
         Without answers and with ``qa_packing="isolated"`` only the primary question is encoded.
         """
-        pre = preprocess_multiscale(sample.image, **self.preprocess_kwargs)
-        prefix = self.prefix_ids + image_span_ids(pre.image_grid_thw, self.token_ids, self.merge_size)
+        span, pixel_values, image_grid_thw = self.image_inputs(sample.image)
+        prefix = self.prefix_ids + span
         qas = sample.qas if (self.qa_packing == "isolated" and with_answers) else (sample.qa,)
         input_ids, labels, qa_index = list(prefix), [IGNORE_INDEX] * len(prefix), [-1] * len(prefix)
         block_ids = [_PREFIX_BLOCK] * len(prefix)
@@ -238,7 +258,7 @@ class TinyCollator:
         packed = self.qa_packing == "isolated" and with_answers
         return EncodedSample(
             index=sample.index, input_ids=input_ids, labels=labels, qa_index=qa_index,
-            pixel_values=pre.pixel_values, image_grid_thw=pre.image_grid_thw, qas=tuple(qas),
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw, qas=tuple(qas),
             block_ids=block_ids if packed else None, position_ids=position_ids if packed else None,
         )
 
@@ -277,7 +297,7 @@ class TinyCollator:
             if packed:
                 positions[row, span] = torch.tensor(e.position_ids)
                 blocks[row, span] = torch.tensor(e.block_ids)
-        result = TinyBatch(
+        result = self.batch_class(
             input_ids=input_ids, attention_mask=attention, labels=labels,
             pixel_values=torch.cat([e.pixel_values for e in encoded]),
             image_grid_thw=torch.cat([e.image_grid_thw for e in encoded]),
@@ -288,6 +308,92 @@ class TinyCollator:
             result.position_ids = positions
             result.attention_mask_4d = isolated_block_mask(blocks)
         return result
+
+
+class TiledBatch(TinyBatch):
+    """A batch of :class:`TiledCollator`: ``pixel_values`` ``(T, 3, S, S)`` are the NVLM-D tiles of all images
+    (each image: regular tiles row-major, thumbnail last), ``image_grid_thw`` ``(B, 3)`` holds
+    ``(tiles incl. thumbnail, rows, cols)`` per image and is not a model input."""
+
+    def model_inputs(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Keyword arguments of ``NVLMDForConditionalGeneration.forward`` (no ``image_grid_thw``)."""
+        inputs = super().model_inputs(dtype)
+        inputs.pop("image_grid_thw")
+        return inputs
+
+
+class TiledCollator(TinyCollator):
+    """:class:`TinyCollator` for NVLM-D: each image becomes dynamic tiles + a thumbnail
+    (:func:`~navil_utils.processing.tiling.preprocess_tiles`) and the span
+    ``<Image><tile_1>`` + n pads + … + ``<tile_global_thumbnail>`` + n pads + ``</Image>`` (1-D tile tags,
+    ``n = tokens_per_tile``).  Prompt text, answers, labels, padding and QA packing are the NaViL collator's.
+
+    Args:
+        tokenizer: the tiny tokenizer extended with NVLM-D's tokens
+            (:func:`navil_utils.tiny.nvlm_d.extend_tokenizer_with_nvlm_tokens`).
+        tile_size, max_tiles, min_tiles, use_thumbnail: the tiling (``plan_tiles``).
+        patch_size, merge_size: ViT patch and pixel-shuffle merge → ``(S/p)² / m²`` pads per tile.
+        Other arguments as :class:`TinyCollator`.
+    """
+
+    batch_class = TiledBatch
+
+    def __init__(self, tokenizer: Any, *, tile_size: int, max_tiles: int, min_tiles: int = 1,
+                 use_thumbnail: bool = True, patch_size: int = NAVIL_PATCH_SIZE, merge_size: int = NAVIL_MERGE_SIZE,
+                 system_message: str = TINY_SYSTEM_MESSAGE, template: str = TINY_TEMPLATE,
+                 padding_side: str = "right", qa_packing: str = "single",
+                 pad_to_multiple_of: int | None = None) -> None:
+        from navil_utils.errors import CheckpointError
+        from navil_utils.processing.tiling import (
+            NVLM_IMAGE_CONTEXT_TOKEN,
+            nvlm_special_tokens,
+        )
+
+        super().__init__(tokenizer, system_message=system_message, template=template, padding_side=padding_side,
+                         qa_packing=qa_packing, pad_to_multiple_of=pad_to_multiple_of)
+        if tile_size < 1 or tile_size % (patch_size * merge_size):
+            raise ConfigError(f"tile_size {tile_size} must be a positive multiple of patch_size × merge_size = "
+                              f"{patch_size * merge_size}")
+        if not 1 <= min_tiles <= max_tiles:
+            raise ConfigError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
+        self.tile_size, self.max_tiles, self.min_tiles = tile_size, max_tiles, min_tiles
+        self.use_thumbnail = use_thumbnail
+        self.tokens_per_tile = (tile_size // patch_size) ** 2 // merge_size ** 2
+        try:
+            self.nvlm_ids = navil_token_ids(tokenizer, nvlm_special_tokens(max_tiles))
+        except CheckpointError as error:
+            raise ConfigError(f"{error}: extend the tokenizer with navil_utils.tiny.nvlm_d."
+                              "extend_tokenizer_with_nvlm_tokens") from None
+        self.image_pad_id = self.nvlm_ids[NVLM_IMAGE_CONTEXT_TOKEN]
+
+    @classmethod
+    def from_model_config(cls, config: Any, tokenizer: Any, **kwargs: Any) -> TiledCollator:
+        """The collator of an :class:`~navil_utils.models.configuration_nvlm_d.NVLMDConfig` (tiling, template,
+        system message)."""
+        kwargs.setdefault("system_message", getattr(config, "system_message", None) or TINY_SYSTEM_MESSAGE)
+        kwargs.setdefault("template", config.template or TINY_TEMPLATE)
+        return cls(tokenizer, tile_size=config.tile_size, max_tiles=config.max_dynamic_patch,
+                   min_tiles=config.min_dynamic_patch, use_thumbnail=config.use_thumbnail,
+                   patch_size=config.tile_size // config.patches_per_side, merge_size=config.merge_size, **kwargs)
+
+    def plan(self, height: int, width: int):
+        """The :class:`~navil_utils.processing.tiling.TilePlan` of an ``height × width`` image."""
+        from navil_utils.processing.tiling import plan_tiles
+
+        return plan_tiles(height, width, self.max_tiles, self.tile_size, self.use_thumbnail, self.min_tiles)
+
+    def visual_tokens(self, height: int, width: int) -> int:
+        """Image pad tokens (= visual tokens) of an ``height × width`` image: tiles × ``tokens_per_tile``."""
+        return self.plan(height, width).num_tiles * self.tokens_per_tile
+
+    def image_inputs(self, image: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """``(span ids, pixel_values (T, 3, S, S) ImageNet-normalised, [[T, rows, cols]])`` of one image."""
+        from navil_utils.processing.tiling import nvlm_image_span_ids, preprocess_tiles
+
+        tiles = preprocess_tiles(image, self.max_tiles, self.tile_size, self.use_thumbnail, self.min_tiles)
+        span = nvlm_image_span_ids(tiles.num_tiles, self.nvlm_ids, self.tokens_per_tile)
+        cols, rows = tiles.grid
+        return span, tiles.pixel_values, torch.tensor([[tiles.num_tiles, rows, cols]], dtype=torch.long)
 
 
 def isolated_block_mask(block_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -4,11 +4,15 @@
     python -m navil_utils.evaluate --model data/models/navil-tiny --n 1000 --seed 1234 --scales largest
 
 Prints a table of exact-match accuracy per question type and, as its last line, one JSON object
-``{"overall": …, "per_type": {type: accuracy, …}, "n": …, "seed": S, "scales": …}``.
+``{"overall": …, "per_type": {type: accuracy, …}, "n": …, "seed": S, "scales": …}``.  Bad arguments
+(``--n 0``, ``--batch-size -1``, an unavailable ``--device``) exit with status 2 and a missing or broken
+checkpoint with status 1, each with a one-line message on stderr and nothing on stdout.
 
 ``--scales`` runs the multi-scale ablation with the same weights: ``all`` (NaViL's input: every scale
 of the pyramid), ``largest`` (only the full-resolution scale) or ``smallest`` (only the coarsest).
-Works on any NaViL checkpoint that answers in this task's format (short canonical answers).
+Works on any NaViL checkpoint that answers in this task's format (short canonical answers), and on a tiny
+NVLM-D checkpoint (:mod:`navil_utils.tiny.nvlm_d`; detected from ``config.json``'s ``model_type``, tiles
++ thumbnail, ``--scales all`` only).  A second line gives the visual tokens per image and the time per question.
 Evaluation seeds must differ from the training seeds (training uses data seed 1, periodic held-out
 evaluation seed 7); the model card reports seed 1234.
 """
@@ -16,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,10 +65,30 @@ class EvalResult:
     seed: int
     scales: str
     seconds: float
+    architecture: str = "navil"
 
     @property
     def n(self) -> int:
         return len(self.records)
+
+    @property
+    def visual_tokens_mean(self) -> float:
+        """Mean visual tokens the model spent per image (records' ``visual_tokens``)."""
+        return sum(r["visual_tokens"] for r in self.records) / max(1, self.n)
+
+    @property
+    def visual_tokens_max(self) -> int:
+        return max((r["visual_tokens"] for r in self.records), default=0)
+
+    @property
+    def seconds_per_sample(self) -> float:
+        """Wall time per question: preprocessing, prompt building and greedy generation, batched."""
+        return self.seconds / max(1, self.n)
+
+    def cost(self) -> dict[str, float]:
+        """``visual_tokens_mean``, ``visual_tokens_max`` (per image) and ``seconds_per_sample``."""
+        return {"visual_tokens_mean": round(self.visual_tokens_mean, 3), "visual_tokens_max": self.visual_tokens_max,
+                "seconds_per_sample": round(self.seconds_per_sample, 5)}
 
     @property
     def per_type(self) -> dict[str, float]:
@@ -100,14 +126,32 @@ class EvalResult:
         return "\n".join(lines)
 
 
+def _is_count(value: object) -> bool:
+    """Whether ``value`` is an integer >= 1 (``bool`` is not a count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 @torch.no_grad()
 def evaluate_model(model, tokenizer, *, n: int = 1000, seed: int = 1234, scales: str = "all",
                    batch_size: int = 32, question_types: tuple[str, ...] | None = None,
                    max_new_tokens: int = 8, samples=None) -> EvalResult:
     """Greedy exact-match accuracy on ``n`` fresh synthetic questions drawn with ``seed``.
 
+    ``model`` is a NaViL or a tiny NVLM-D (``config.model_type == "NVLM_D"``: tiles + thumbnail through
+    :class:`~navil_utils.tiny.data.TiledCollator`, ``scales`` must be ``"all"``).  Every record holds the
+    visual tokens its image cost (NaViL: merged patches of the kept scales; NVLM-D: image pad tokens).
     ``samples`` (a list of :class:`~navil_utils.tiny.synthetic.Sample`) replaces the generated questions.
+    Raises :class:`~navil_utils.errors.ConfigError` for ``n < 1``, ``batch_size < 1``, an empty
+    ``samples`` list or an unknown ``scales`` — an accuracy of nothing is never reported.
     """
+    if not _is_count(batch_size):
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if scales not in SCALE_CHOICES:
+        raise ConfigError(f"scales must be one of {SCALE_CHOICES}, got {scales!r}")
+    if samples is None and not _is_count(n):
+        raise ConfigError(f"n (the number of questions) must be a positive integer, got {n!r}")
+    if samples is not None and len(samples) == 0:
+        raise ConfigError("samples is empty: there is nothing to evaluate")
     from navil_utils.chatting import batch_chat
     from navil_utils.processing.multiscale import preprocess_multiscale
     from navil_utils.processing.processor import pixel_budget
@@ -116,6 +160,10 @@ def evaluate_model(model, tokenizer, *, n: int = 1000, seed: int = 1234, scales:
     if samples is None:
         data = SyntheticVQA(seed=seed, question_types=tuple(question_types or QUESTION_TYPES))
         samples = [data.sample(i) for i in range(n)]
+    if is_nvlm_d(model):
+        if scales != "all":
+            raise ConfigError(f"scales={scales!r} is a NaViL ablation; an NVLM-D model takes its tiles ('all')")
+        return _evaluate_nvlm_d(model, tokenizer, samples, seed, batch_size, max_new_tokens)
     budget = pixel_budget(model.config)
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -124,37 +172,128 @@ def evaluate_model(model, tokenizer, *, n: int = 1000, seed: int = 1234, scales:
         images = [select_scales(preprocess_multiscale(s.image, **budget), scales) for s in chunk]
         turn = batch_chat(model, tokenizer, images, [s.question for s in chunk], do_sample=False,
                           max_new_tokens=max_new_tokens)
-        for sample, answer in zip(chunk, turn.answers):
+        for sample, image, answer in zip(chunk, images, turn.answers):
+            tokens = int(image.image_grid_thw.prod(-1).sum()) // budget["merge_size"] ** 2
             records.append({"index": sample.index, "qtype": sample.qtype, "question": sample.question,
                             "answer": sample.answer, "prediction": answer,
-                            "correct": normalise_answer(answer) == sample.answer})
+                            "correct": normalise_answer(answer) == sample.answer, "visual_tokens": tokens})
     return EvalResult(records, seed, scales, time.perf_counter() - start)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Exact-match evaluation on the synthetic VQA task.")
+def is_nvlm_d(model: Any) -> bool:
+    """Whether ``model`` (or a config) is an NVLM-D (``model_type == "NVLM_D"``)."""
+    from navil_utils.models.configuration_nvlm_d import NVLM_D_MODEL_TYPE
+
+    config = getattr(model, "config", model)
+    return getattr(config, "model_type", None) == NVLM_D_MODEL_TYPE
+
+
+def _evaluate_nvlm_d(model: Any, tokenizer: Any, samples: list, seed: int, batch_size: int,
+                     max_new_tokens: int) -> EvalResult:
+    """Greedy answers of an NVLM-D: prompts from :class:`~navil_utils.tiny.data.TiledCollator` (left-padded,
+    the training prompt without the answer), one ``generate`` call per batch."""
+    from navil_utils.chatting import _decode_answers
+    from navil_utils.tiny.data import TiledCollator
+
+    collator = TiledCollator.from_model_config(model.config, tokenizer, padding_side="left")
+    eos, device = collator.sep_id, next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    records: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        batch = collator(chunk, with_answers=False)
+        generated = model.generate(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                                   pixel_values=batch.pixel_values.to(device=device, dtype=dtype),
+                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                   pad_token_id=collator.pad_id)
+        answers = _decode_answers(collator.processor, generated[:, batch.input_ids.shape[1]:].cpu())
+        pads = (batch.input_ids == collator.image_pad_id).sum(1).tolist()
+        for sample, answer, tokens in zip(chunk, answers, pads):
+            records.append({"index": sample.index, "qtype": sample.qtype, "question": sample.question,
+                            "answer": sample.answer, "prediction": answer,
+                            "correct": normalise_answer(answer) == sample.answer, "visual_tokens": int(tokens)})
+    return EvalResult(records, seed, "all", time.perf_counter() - start, architecture="nvlm_d")
+
+
+def load_eval_model(path: str | Path, device_map: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a checkpoint directory, NaViL or tiny NVLM-D by ``config.json``'s
+    ``model_type`` (NVLM-D through the strict :func:`~navil_utils.models.modeling_nvlm_d.load_nvlm_d`)."""
+    from navil_utils.errors import CorruptCheckpointError
+    from navil_utils.models.configuration_nvlm_d import NVLM_D_MODEL_TYPE
+
+    config_file = Path(path) / "config.json"
+    model_type = None
+    if config_file.is_file():
+        try:
+            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, AttributeError) as error:
+            raise CorruptCheckpointError(f"{config_file} is not a JSON object: {error}") from error
+    if model_type == NVLM_D_MODEL_TYPE:
+        from navil_utils.tiny.nvlm_d import load_tiny_nvlm_d
+
+        return load_tiny_nvlm_d(path, **({"device_map": device_map} if device_map is not None else {}))
+    from navil_utils.chatting import load_chat_model
+
+    return load_chat_model(path, device_map=device_map)
+
+
+PROG = "python -m navil_utils.evaluate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: counts must be positive, the seed non-negative, the device usable."""
+    from navil_utils.cli import (
+        ArgumentParser,
+        non_negative_int,
+        positive_int,
+        torch_device,
+    )
+
+    parser = ArgumentParser(prog=PROG, description="Exact-match evaluation on the synthetic VQA task.")
     parser.add_argument("--model", default="data/models/navil-tiny", help="checkpoint directory")
-    parser.add_argument("--n", type=int, default=1000, help="number of questions")
-    parser.add_argument("--seed", type=int, default=1234, help="question seed (never a training seed)")
+    parser.add_argument("--n", type=positive_int, default=1000, help="number of questions (>= 1)")
+    parser.add_argument("--seed", type=non_negative_int, default=1234,
+                        help="question seed, >= 0 (never a training seed)")
     parser.add_argument("--scales", choices=SCALE_CHOICES, default="all")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per batch (>= 1)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (>= 1)")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda, cuda:N, ...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; the last stdout line of a successful run is the JSON summary.
+
+    Bad arguments exit with status 2, a :class:`~navil_utils.errors.NaViLError` (missing or broken
+    checkpoint, ...) or an OS error returns 1; either way one line on stderr and no JSON on stdout.
+    """
+    from navil_utils.cli import report_error
+    from navil_utils.errors import CheckpointNotFoundError, NaViLError
+
+    args = build_parser().parse_args(argv)
     from navil_utils.workbook.quiet import quiet_libraries
 
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from navil_utils.chatting import load_chat_model
-
-    model, tokenizer = load_chat_model(args.model, device_map=args.device if args.device != "cpu" else None)
-    model.eval()
-    result = evaluate_model(model, tokenizer, n=args.n, seed=args.seed, scales=args.scales,
-                            batch_size=args.batch_size)
+    try:
+        if not Path(args.model).is_dir():
+            raise CheckpointNotFoundError(f"no model checkpoint directory at {args.model} (pass --model DIR)")
+        model, tokenizer = load_eval_model(args.model, device_map=args.device if args.device != "cpu" else None)
+        model.eval()
+        result = evaluate_model(model, tokenizer, n=args.n, seed=args.seed, scales=args.scales,
+                                batch_size=args.batch_size)
+    except (NaViLError, OSError) as error:
+        return report_error(PROG, error)
+    if result.n != args.n:  # never print a score of fewer questions than asked for
+        return report_error(PROG, f"evaluated {result.n} questions instead of {args.n}")
     print(f"model {args.model} | seed {args.seed} | scales {args.scales} | {result.seconds:.1f} s")
+    cost = result.cost()
+    print(f"visual tokens per image: mean {cost['visual_tokens_mean']:.1f}, max {cost['visual_tokens_max']} | "
+          f"{cost['seconds_per_sample'] * 1000:.1f} ms per question")
     print(result.table())
-    print(json.dumps(result.summary()))
+    print(json.dumps(result.summary()), flush=True)
     return 0
 
 

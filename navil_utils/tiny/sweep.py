@@ -358,26 +358,76 @@ def _run_ray(todo: Sequence[ScalingRun], out_root, address: str | None, device: 
             ray.shutdown()
 
 
+PROG = "python -m navil_utils.tiny.sweep"
+
+
+def _grid_spec_file(text: str) -> tuple[str, dict[str, Any]]:
+    """argparse type of the ``grid`` argument: an existing file holding a JSON object."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no grid spec file at {path}")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{path} is not a file (expected a JSON grid spec)")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(
+            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path} ({err})") from None
+    if not isinstance(spec, dict):
+        raise argparse.ArgumentTypeError(f"{path} must hold a JSON object (a grid spec), not a {type(spec).__name__}")
+    return str(path), spec
+
+
+def _runs_of(path: str, spec: dict[str, Any]) -> list[ScalingRun]:
+    """The runs of a grid spec read from ``path``; any malformed spec is a ConfigError naming the file."""
+    try:
+        runs = expand_grid(spec)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"{path}: invalid grid spec ({type(err).__name__}: {err})") from err
+    if not runs:
+        raise ConfigError(f"{path}: the grid spec defines no runs (give 'llm' and 'vit' lists, or 'runs')")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("grid", help="JSON grid spec (see expand_grid)")
+    """Run a sweep from the command line; the last stdout line of a successful run is a JSON summary.
+
+    Bad arguments (missing grid file, invalid JSON, ``--workers 0``) exit with status 2, a
+    :class:`~navil_utils.errors.NaViLError` (e.g. a grid spec that defines no runs) or an OS error
+    with 1 — each with a one-line message on stderr.
+    """
+    from navil_utils.cli import ArgumentParser, positive_int, report_error, resolve_device, torch_device_or_auto
+    from navil_utils.errors import NaViLError
+
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("grid", type=_grid_spec_file, help="JSON grid spec (see expand_grid)")
     parser.add_argument("--results", required=True, help="JSONL file the finished runs are appended to")
     parser.add_argument("--out-root", default="runs/scaling", help="checkpoints and logs of each run")
-    parser.add_argument("--workers", type=int, default=1, help="parallel runs of the local backend")
+    parser.add_argument("--workers", type=positive_int, default=1, help="parallel runs of the local backend (>= 1)")
     parser.add_argument("--backend", choices=("local", "ray"), default="local")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when a GPU is present)")
+    parser.add_argument("--device", type=torch_device_or_auto, default="auto",
+                        help="cpu, cuda, or auto (cuda when a GPU is present)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    runs = expand_grid(json.loads(Path(args.grid).read_text()))
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    records = run_sweep(runs, args.results, out_root=args.out_root, workers=args.workers, backend=args.backend,
-                        address=args.address, device=device, progress=not args.no_progress)
-    print(json.dumps({"runs": len(runs), "finished": len(records), "results": str(args.results)}))
+    if Path(args.results).is_dir():
+        parser.error(f"argument --results: {args.results} is a directory, expected a JSONL file")
+    if Path(args.out_root).exists() and not Path(args.out_root).is_dir():
+        parser.error(f"argument --out-root: {args.out_root} exists and is not a directory")
+    grid_path, spec = args.grid
+    try:
+        runs = _runs_of(grid_path, spec)
+        device = args.device
+        device = resolve_device(device)
+        records = run_sweep(runs, args.results, out_root=args.out_root, workers=args.workers, backend=args.backend,
+                            address=args.address, device=device, progress=not args.no_progress)
+    except (NaViLError, OSError) as error:
+        return report_error(PROG, error)
+    print(json.dumps({"runs": len(runs), "finished": len(records), "results": str(args.results)}), flush=True)
     return 0
 
 

@@ -8,6 +8,12 @@ The whole NaViL is trained from scratch with the project's own classes: the ViT 
 multi-scale input exactly as at inference), the pixel-shuffle connector and the Qwen3-VE decoder with
 modality experts.  The loss is the cross-entropy on answer tokens (and the closing ``<|im_end|>``).
 
+``TrainConfig.architecture = "nvlm_d"`` trains the tiny NVLM-D (:mod:`navil_utils.tiny.nvlm_d`, the comparison
+system of issue 15) instead — InternViT-style ViT, pixel shuffle, ``mlp1``, dense Qwen2, fed NVLM-D's tiles +
+thumbnail by :class:`~navil_utils.tiny.data.TiledCollator`, from scratch and end to end — with the same data,
+loss, schedule, logging, checkpoints and evaluation; the option is saved with the run, so a resume cannot mix
+the two.
+
 Recipe (see :class:`TrainConfig`): AdamW, linear warm-up then cosine decay to ``min_lr_ratio``, gradient
 clipping, a curriculum over question types (:data:`DEFAULT_CURRICULUM`).  Every step's batch is a pure
 function of ``(data_seed, step)``, so the data position is just the step counter.
@@ -20,12 +26,15 @@ over gloo (accelerate's ``--cpu`` flag alone starts a single process unless MPI 
 
 Runs are resumable: ``<out>/checkpoint/`` (safetensors + JSON, written atomically every
 ``checkpoint_every`` steps and when the time limit is hit) holds model, optimiser, scheduler, RNG and
-step; re-running the same command continues where a killed run stopped, bit for bit.  ``<out>/log.jsonl``
-gets one JSON line per logged step and per evaluation.
+step; re-running the same command continues where a killed run stopped, bit for bit, whatever the moment
+of the kill.  ``<out>/log.jsonl`` gets one JSON line per logged step and per evaluation (one ``write`` each);
+on resume it is cut back to the checkpoint's step (a torn last line dropped), so every record appears once.
+The configuration is validated before ``<out>`` is touched, and a relaunch into a directory that holds a
+checkpoint must repeat its options (``--out`` spelling, device, threads, workers, time limit aside); a refusal
+names each option that differs with both values.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -41,12 +50,15 @@ from typing import Any
 import torch
 
 from navil_utils.constants import TINY_MAX_PIXELS, TINY_MIN_PIXELS
-from navil_utils.errors import ConfigError
+from navil_utils.errors import ConfigError, RunDirectoryError
 from navil_utils.models.presets import TINY_SYSTEM_MESSAGE, tiny_model_config
 from navil_utils.tiny.checkpointing import (
+    fsync_directory,
     load_checkpoint,
+    load_weights,
     recover_checkpoint,
     save_checkpoint,
+    write_atomic,
 )
 
 #: Curriculum: ``(start_fraction, {question type: weight})``; a stage runs until the next one starts.
@@ -57,6 +69,9 @@ DEFAULT_CURRICULUM: tuple[tuple[float, dict[str, float]], ...] = (
     (0.25, {"color": 1.0, "count": 1.0, "position": 1.0, "relation": 1.0, "text": 2.0}),
     (0.45, {"color": 1.0, "count": 1.5, "position": 1.5, "relation": 1.0, "text": 2.5}),
 )
+
+#: Values of ``TrainConfig.architecture``: the model and its image preprocessing.
+ARCHITECTURES: tuple[str, ...] = ("navil", "nvlm_d")
 
 
 @dataclass
@@ -87,7 +102,9 @@ class TrainConfig:
     bf16: bool | None = None           # autocast; None = on for CUDA, off on CPU
     threads: int | None = None
     num_workers: int = 0
-    model: dict[str, Any] = field(default_factory=dict)     # overrides of tiny_model_config()
+    model: dict[str, Any] = field(default_factory=dict)     # overrides of tiny_model_config() (NaViL) or
+    #                                                         of TINY_NVLM_D_MODEL (NVLM-D)
+    architecture: str = "navil"        # "navil" (multi-scale input) or "nvlm_d" (tiles + thumbnail, tiny/nvlm_d.py)
     data: dict[str, Any] = field(default_factory=dict)      # overrides of SyntheticConfig
     min_pixels: int = TINY_MIN_PIXELS
     max_pixels: int = TINY_MAX_PIXELS
@@ -100,16 +117,105 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build a configuration from JSON-like values (not validated: see :meth:`validate`)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown training options {unknown}")
         values = dict(values)
-        if "curriculum" in values:
-            values["curriculum"] = tuple((float(s), dict(w)) for s, w in values["curriculum"])
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
+        try:
+            if "curriculum" in values:
+                values["curriculum"] = tuple((float(s), dict(w)) for s, w in values["curriculum"])
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"training option curriculum={values['curriculum']!r} is invalid: expected a list "
+                              "of [start_fraction, {question_type: weight}] pairs") from error
+        try:
+            if "betas" in values:
+                values["betas"] = tuple(values["betas"])
+        except TypeError as error:
+            raise ConfigError(f"training option betas={values['betas']!r} is invalid: expected two numbers "
+                              "in [0, 1)") from error
         return cls(**values)
+
+    def validate(self) -> TrainConfig:
+        """Check every option's type and range; raise :class:`~navil_utils.errors.ConfigError` naming the
+        first bad option and its value.  Return ``self``.  :func:`train` calls it before touching ``out``."""
+
+        def fail(option: str, value: Any, expected: str) -> None:
+            raise ConfigError(f"training option {option}={value!r} is invalid: expected {expected}")
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+        for option, minimum in (("seed", 0), ("data_seed", 0), ("eval_seed", 0), ("total_steps", 1),
+                                ("batch_size", 1), ("warmup_steps", 0), ("extra_qas", 0), ("log_every", 1),
+                                ("eval_every", 1), ("eval_batches", 0), ("checkpoint_every", 1),
+                                ("num_workers", 0), ("min_pixels", 1), ("max_pixels", 1)):
+            value = getattr(self, option)
+            if not is_int(value) or value < minimum:
+                fail(option, value, f"an integer >= {minimum}")
+        if self.eval_seed == self.data_seed:
+            fail("eval_seed", self.eval_seed, f"a seed other than data_seed={self.data_seed} (held-out data)")
+        if self.max_pixels < self.min_pixels:
+            fail("max_pixels", self.max_pixels, f">= min_pixels={self.min_pixels}")
+        if not is_number(self.lr) or not 0 < self.lr < math.inf:
+            fail("lr", self.lr, "a finite number > 0")
+        if not is_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            fail("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        if not is_number(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
+            fail("weight_decay", self.weight_decay, "a finite number >= 0")
+        if not is_number(self.grad_clip) or self.grad_clip <= 0:
+            fail("grad_clip", self.grad_clip, "a number > 0")
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(is_number(b) and 0 <= b < 1 for b in self.betas)):
+            fail("betas", self.betas, "two numbers in [0, 1)")
+        starts = []
+        for stage in self.curriculum if isinstance(self.curriculum, (tuple, list)) else [None]:
+            if (not isinstance(stage, (tuple, list)) or len(stage) != 2 or not is_number(stage[0])
+                    or not 0 <= stage[0] <= 1 or not isinstance(stage[1], dict) or not stage[1]
+                    or not all(isinstance(k, str) and is_number(w) and 0 < w < math.inf for k, w in stage[1].items())):
+                fail("curriculum", self.curriculum, "a list of [start_fraction in [0, 1], {question_type: weight > 0}] "
+                     "pairs")
+            starts.append(stage[0])
+        if not starts or starts != sorted(starts):
+            fail("curriculum", self.curriculum, "at least one stage, start fractions in increasing order")
+        if self.architecture not in ARCHITECTURES:
+            fail("architecture", self.architecture, " or ".join(repr(a) for a in ARCHITECTURES))
+        if self.architecture == "nvlm_d" and isinstance(self.model, dict):
+            from navil_utils.tiny.nvlm_d import check_model_overrides
+
+            check_model_overrides(self.model)
+        if self.qa_packing not in ("single", "isolated"):
+            fail("qa_packing", self.qa_packing, "'single' or 'isolated'")
+        if self.time_limit_minutes is not None and (not is_number(self.time_limit_minutes)
+                                                    or self.time_limit_minutes <= 0):
+            fail("time_limit_minutes", self.time_limit_minutes, "null or a number > 0")
+        if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
+            fail("threads", self.threads, "null or an integer >= 1")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            fail("bf16", self.bf16, "null, true or false")
+        if not isinstance(self.progress, bool):
+            fail("progress", self.progress, "true or false")
+        for option in ("model", "data"):
+            if not isinstance(getattr(self, option), dict):
+                fail(option, getattr(self, option), "a JSON object of overrides")
+        if not isinstance(self.out, str) or not self.out:
+            fail("out", self.out, "a directory path (a string)")
+        for option in ("tokenizer", "init_from"):
+            value = getattr(self, option)
+            if value is not None and (not isinstance(value, str) or not value):
+                fail(option, value, "null or a directory path (a string)")
+        try:
+            if not isinstance(self.device, str):
+                raise TypeError
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as error:
+            raise ConfigError(f"training option device={self.device!r} is invalid: expected a torch device "
+                              "such as 'cpu' or 'cuda'") from error
+        return self
 
 
 def curriculum_stage(config: TrainConfig, step: int) -> int:
@@ -151,6 +257,11 @@ class StepBatches(torch.utils.data.Dataset):
             self.stages.append(SyntheticVQA(seed=seed, question_types=types,
                                             qtype_weights=tuple(weights[t] for t in types),
                                             extra_qas=config.extra_qas, **config.data))
+        if config.architecture == "nvlm_d":  # NVLM-D's tiles; everything else as NaViL's collator
+            from navil_utils.tiny.nvlm_d import collator_for
+
+            self.collator = collator_for(config, tokenizer, qa_packing=config.qa_packing, pad_to_multiple_of=8)
+            return
         self.collator = TinyCollator(tokenizer, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
                                      qa_packing=config.qa_packing, pad_to_multiple_of=8)
 
@@ -167,7 +278,13 @@ def build_model(config: TrainConfig, tokenizer: Any):
     """A freshly initialised tiny NaViL sized by ``config.model`` for ``tokenizer``.
 
     The initialisation is seeded with ``config.seed`` on a forked RNG: the caller's RNG state is unchanged.
+    ``config.architecture == "nvlm_d"`` builds the tiny NVLM-D instead
+    (:func:`navil_utils.tiny.nvlm_d.build_nvlm_d_model`).
     """
+    if config.architecture == "nvlm_d":
+        from navil_utils.tiny.nvlm_d import build_nvlm_d_model
+
+        return build_nvlm_d_model(config, tokenizer)
     from navil_utils.models.configuration_navil import NaViLChatConfig
     from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
     from navil_utils.processing.tokenizers import navil_token_ids
@@ -188,7 +305,29 @@ def _tokenizer_for(config: TrainConfig):
 
     directory = Path(config.tokenizer or Path(config.out) / "tokenizer")
     if not (directory / "tokenizer.json").exists():
-        train_tiny_tokenizer(directory)
+        # trained aside and moved in with tokenizer.json last, so that its presence means a whole tokenizer
+        staging = directory.with_name(directory.name + ".tmp")
+        if staging.exists():
+            shutil.rmtree(staging)
+        train_tiny_tokenizer(staging)
+        directory.mkdir(parents=True, exist_ok=True)
+        names = sorted(item.name for item in staging.iterdir())
+        for name in sorted(names, key=lambda n: n == "tokenizer.json"):
+            os.replace(staging / name, directory / name)
+        fsync_directory(directory)
+        shutil.rmtree(staging)
+    if config.architecture == "nvlm_d":  # the same tokenizer plus NVLM-D's tokens, appended (ids unchanged)
+        from navil_utils.tiny.nvlm_d import (
+            extend_tokenizer_with_nvlm_tokens,
+            has_nvlm_tokens,
+        )
+
+        if not has_nvlm_tokens(load_tiny_tokenizer(directory)):
+            extended = Path(config.out) / "tokenizer_nvlm_d"
+            if not (extended / "tokenizer.json").exists():
+                extend_tokenizer_with_nvlm_tokens(directory, extended)
+                fsync_directory(extended)
+            directory = extended
     return load_tiny_tokenizer(directory), directory
 
 
@@ -229,11 +368,124 @@ def evaluate_teacher_forced(model, batches, device: torch.device, bf16: bool | N
             "eval_overall": overall, "eval_per_type": per_type}
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records after ``step`` (they are redone after resuming from that checkpoint)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+def _record_kind(record: dict[str, Any]) -> str:
+    return "eval" if "eval_loss" in record else "train"
+
+
+def _truncate_log(path: Path, step: int) -> int:
+    """Make ``log.jsonl`` consistent with a checkpoint at ``step`` (0: none); return the records dropped.
+
+    Records after ``step`` are dropped (they are redone after resuming), as is a torn last line (a run killed
+    while appending it) and any repeated (step, kind) record.  The file is replaced atomically, and only when
+    something changes.  An unreadable line other than the last raises
+    :class:`~navil_utils.errors.RunDirectoryError` naming the file and line.
+    """
+    stale = path.with_name(path.name + ".tmp")  # left by a kill inside an earlier rewrite
+    if stale.exists():
+        stale.unlink()
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline; else an unfinished last record
+    kept, seen, dropped = [], set(), int(bool(torn))
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = int(record["step"])
+        except (ValueError, KeyError, TypeError) as error:
+            if number == len(lines) and not torn:  # a last line that is not JSON: torn as well
+                dropped += 1
+                continue
+            raise RunDirectoryError(f"{path} line {number} is not a log record ({type(error).__name__}: "
+                                    f"{line[:80]!r}); fix or remove that line to resume") from error
+        key = (record_step, _record_kind(record))
+        if record_step > step or key in seen:
+            dropped += 1
+            continue
+        seen.add(key)
+        kept.append(line + b"\n")
+    new = b"".join(kept)
+    if new != data:
+        write_atomic(path, new)
+    return dropped
+
+
+class _AppendLog:
+    """``log.jsonl`` opened for appending: each record is one ``write`` of a whole line (``O_APPEND``), so a
+    kill leaves at most a torn last line, which :func:`_truncate_log` drops on resume."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.fd = None if path is None else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.fd is None:
+            return
+        view = memoryview((json.dumps(record) + "\n").encode("utf-8"))
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def sync(self) -> None:
+        """Make the records written so far durable (before a checkpoint that counts on them)."""
+        if self.fd is not None:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, TypeError):
+            pass
+
+
+#: Options that may change between the launches of one run (how it runs, not what it computes).
+RUNTIME_OPTIONS = frozenset({"out", "device", "threads", "num_workers", "time_limit_minutes", "progress", "bf16"})
+
+
+def _comparable(values: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The options of a saved or given configuration that must match to resume, paths resolved."""
+    config = json.loads(TrainConfig.from_dict(values).to_json())
+    result = {k: v for k, v in config.items() if k not in RUNTIME_OPTIONS}
+    if result.get("tokenizer") is None:
+        result["tokenizer"] = str(out / "tokenizer")
+    for key in ("tokenizer", "init_from"):
+        if isinstance(result.get(key), str):
+            result[key] = os.path.realpath(result[key])
+    return result
+
+
+def _check_run_directory(config: TrainConfig, out: Path, has_checkpoint: bool, *, write: bool) -> None:
+    """Refuse to resume a checkpointed run of ``out`` with different options; (re)write ``train_config.json``.
+
+    Without a checkpoint there is nothing to resume (the run starts at step 0 and drops any log records), so
+    the saved configuration of a run that never checkpointed is simply replaced.
+    """
+    config_path = out / "train_config.json"
+    text = config.to_json()
+    stale = config_path.with_name(config_path.name + ".tmp")  # left by a kill inside an earlier write
+    if write and stale.exists():
+        stale.unlink()
+    if config_path.exists() and has_checkpoint:
+        try:
+            saved = _comparable(dict(json.loads(config_path.read_text(encoding="utf-8"))), out)
+        except (ValueError, TypeError, ConfigError) as error:
+            raise RunDirectoryError(f"{out} holds a checkpoint but its configuration {config_path} is unreadable "
+                                    f"({error}); use another --out") from error
+        given = _comparable(json.loads(text), out)
+        differ = [k for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k)]
+        if differ:
+            details = "; ".join(f"{k}: saved {json.dumps(saved.get(k))}, given {json.dumps(given.get(k))}"
+                                for k in differ)
+            raise RunDirectoryError(f"{out} holds a run with a different configuration ({config_path}): {details}. "
+                                    "Use another --out, or the saved options to resume")
+    if write and (not config_path.exists() or config_path.read_text(encoding="utf-8") != text):
+        write_atomic(config_path, text)
 
 
 def train(config: TrainConfig, *, _simulate_kill_after: int | None = None) -> Path:
@@ -246,7 +498,10 @@ def train(config: TrainConfig, *, _simulate_kill_after: int | None = None) -> Pa
     ``_simulate_kill_after`` (tests only) stops dead after that many steps of this session, without a
     final checkpoint or export — like ``kill -9`` — so that resuming from the last periodic checkpoint
     can be checked against an uninterrupted run.
+
+    The configuration is validated (:meth:`TrainConfig.validate`) before ``config.out`` is touched.
     """
+    config.validate()
     threads = torch.get_num_threads()
     devices = list(range(torch.cuda.device_count())) if torch.device(config.device).type == "cuda" else []
     try:
@@ -297,6 +552,17 @@ class DataParallel:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward() if self.accelerator is None else self.accelerator.backward(loss)
 
+    def close(self) -> None:
+        """Wait for every process, then tear the process group down (a process that exits with its gloo group
+        still open can abort in the C++ destructors: "terminate called without an active exception")."""
+        if self.accelerator is None:
+            return
+        import torch.distributed as dist
+
+        self.accelerator.wait_for_everyone()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over the processes (float64)."""
         if self.accelerator is None:
@@ -307,30 +573,28 @@ class DataParallel:
 
 def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "train_config.json"
-    if config_path.exists():
-        saved = TrainConfig.from_dict(json.loads(config_path.read_text()))
-        comparable = lambda c: {k: v for k, v in json.loads(c.to_json()).items()  # noqa: E731
-                                if k not in {"device", "threads", "num_workers", "time_limit_minutes", "progress", "bf16"}}
-        if comparable(saved) != comparable(config):
-            raise ConfigError(f"{out} holds a run with a different configuration ({config_path}); "
-                              "use another --out or the same options to resume")
-    config_path.write_text(config.to_json())
-    if config.threads:
-        torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     parallel = DataParallel(device)
     if config.batch_size % parallel.world:
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {parallel.world} data-parallel processes")
-    with parallel.main_process_first():  # a missing tokenizer is trained once, by process 0
+        raise ConfigError(f"training option batch_size={config.batch_size} is not divisible by the "
+                          f"{parallel.world} data-parallel processes")
+    checkpoint_dir = out / "checkpoint"
+    # Process 0 alone finishes an interrupted checkpoint write, checks/writes the configuration and trains a
+    # missing tokenizer; the others wait for it, then only read.
+    with parallel.main_process_first():
+        if parallel.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            has_checkpoint = recover_checkpoint(checkpoint_dir)
+        else:
+            has_checkpoint = checkpoint_dir.exists()
+        _check_run_directory(config, out, has_checkpoint, write=parallel.is_main)
         tokenizer, tokenizer_dir = _tokenizer_for(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     model = build_model(config, tokenizer)
     torch.manual_seed(config.seed)  # the run's own RNG stream (forked by train(); saved in checkpoints)
-    if config.init_from and not recover_checkpoint(out / "checkpoint"):
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(Path(config.init_from) / "model.safetensors"), strict=True)
+    if config.init_from and not has_checkpoint:
+        load_weights(Path(config.init_from) / "model.safetensors", model)
     model = model.to(device)
     model.train()
     exempt = no_weight_decay(model)  # names of the unwrapped model; the optimiser holds the same tensors
@@ -340,15 +604,15 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=config.lr, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
-    checkpoint_dir = out / "checkpoint"
     state = {"step": 0, "samples": 0, "elapsed_seconds": 0.0}
-    if recover_checkpoint(checkpoint_dir):
+    if has_checkpoint:
         state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
-        if parallel.is_main:
-            _truncate_log(out / "log.jsonl", state["step"])
+    if parallel.is_main:
+        # the log must hold each record up to the checkpoint's step exactly once and nothing after it (a run
+        # killed before its first checkpoint starts again from step 0: all its records go)
+        _truncate_log(out / "log.jsonl", state["step"])
+        if has_checkpoint:
             print(f"resuming {out} at step {state['step']} ({state['elapsed_seconds'] / 60:.1f} min trained)", flush=True)
-    elif parallel.is_main:  # a run killed before its first checkpoint starts again from step 0: drop its log records
-        _truncate_log(out / "log.jsonl", 0)
     module = model  # the plain model: evaluation, checkpoints, export
     model = parallel.wrap(model)
 
@@ -362,7 +626,7 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
         worker_init_fn=_worker_init, persistent_workers=False,
         prefetch_factor=4 if config.num_workers else None)
 
-    log = (out / "log.jsonl").open("a") if parallel.is_main else open(os.devnull, "w")  # noqa: SIM115
+    log = _AppendLog(out / "log.jsonl" if parallel.is_main else None)
     progress = None
     if config.progress and parallel.is_main:
         from tqdm.auto import tqdm
@@ -373,10 +637,14 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     window_loss, window_correct, window_total = 0.0, 0, 0
     stopped_early = False
     first_step = state["step"]
+    saved_step = state["step"] if has_checkpoint else None  # the step the checkpoint on disk holds
 
     def checkpoint() -> None:
+        nonlocal saved_step
         state["elapsed_seconds"] = time.perf_counter() - start_wall
+        saved_step = state["step"]
         if parallel.is_main:
+            log.sync()  # the records up to this step are durable before the checkpoint that implies them
             save_checkpoint(checkpoint_dir, module, optimizer, scheduler, state)
 
     from navil_utils.tiny.data import qa_exact_match
@@ -415,16 +683,14 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
                       "train_acc": window_correct / max(1, window_total), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "stage": curriculum_stage(config, step),
                       "minutes": (time.perf_counter() - start_wall) / 60}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.write(record)
             if progress is not None:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.2f}",
                                      stage=record["stage"])
             window_loss, window_correct, window_total = 0.0, 0, 0
         if eval_set and (state["step"] % config.eval_every == 0 or state["step"] == config.total_steps):
             record = {"step": state["step"], "samples": state["samples"], **evaluate_teacher_forced(module, eval_set, device, config.bf16)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.write(record)
             if progress is not None:
                 progress.write(f"step {state['step']}: eval loss {record['eval_loss']:.3f}, exact match "
                                f"{record['eval_overall']:.3f} " + json.dumps({k: round(v, 3) for k, v in record['eval_per_type'].items()}))
@@ -438,28 +704,37 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
             if parallel.sum([float(late)])[0] > 0:
                 stopped_early = state["step"] < config.total_steps
                 break
-    checkpoint()
+    if saved_step != state["step"]:  # not when the last periodic checkpoint holds this step already
+        checkpoint()
     if progress is not None:
         progress.close()
     log.close()
     if parallel.is_main:
         export_model(module, tokenizer_dir, out / "final")
+    parallel.close()
     if stopped_early:
         print(f"time limit reached at step {state['step']}/{config.total_steps}; re-run the same command to resume", flush=True)
     return out
 
 
 def export_model(model, tokenizer_dir: str | Path, directory: str | Path) -> Path:
-    """Save a loadable checkpoint: config.json, model.safetensors, tokenizer, generation_config.json."""
+    """Save a loadable checkpoint: config.json, model.safetensors, tokenizer, generation_config.json (a tiny
+    NVLM-D through :func:`navil_utils.tiny.nvlm_d.export_nvlm_d`: strict-loadable, native key layout)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    ids = model.special_token_ids or {}
-    generation = model.generation_config
-    generation.do_sample, generation.max_new_tokens = False, 8
-    if "<|im_end|>" in ids:
-        generation.eos_token_id = ids["<|im_end|>"]
-    generation.pad_token_id = 0
-    model.save_pretrained(directory, safe_serialization=True)
+    if getattr(model.config, "model_type", None) == "NVLM_D":
+        from navil_utils.tiny.nvlm_d import export_nvlm_d
+        from navil_utils.tiny.tokenizer import load_tiny_tokenizer
+
+        export_nvlm_d(model, directory, load_tiny_tokenizer(tokenizer_dir).convert_tokens_to_ids("<|im_end|>"))
+    else:
+        ids = model.special_token_ids or {}
+        generation = model.generation_config
+        generation.do_sample, generation.max_new_tokens = False, 8
+        if "<|im_end|>" in ids:
+            generation.eos_token_id = ids["<|im_end|>"]
+        generation.pad_token_id = 0
+        model.save_pretrained(directory, safe_serialization=True)
     for item in Path(tokenizer_dir).iterdir():
         if item.name in TOKENIZER_FILES:
             shutil.copy2(item, directory / item.name)
@@ -469,22 +744,40 @@ def export_model(model, tokenizer_dir: str | Path, directory: str | Path) -> Pat
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
+PROG = "python -m navil_utils.train"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train the tiny NaViL on synthetic VQA (resumable).")
+    """Train from the command line: a bad option or configuration exits with 2, an error found while
+    running (a corrupt checkpoint, a run directory holding another run) with 1 — each as one line."""
+    from navil_utils.cli import EXIT_USAGE, ArgumentParser, positive_float, report_error
+    from navil_utils.errors import NaViLError
+
+    parser = ArgumentParser(prog=PROG, description="Train the tiny NaViL on synthetic VQA (resumable).")
     parser.add_argument("--out", default="runs/navil-tiny", help="run directory (checkpoint, log, final model)")
     parser.add_argument("--config", default=None, help="JSON file of TrainConfig options")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override one option, e.g. --set total_steps=100 --set lr=3e-4")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
-    parser.add_argument("--time-limit", type=float, default=None, help="minutes before checkpoint-and-stop")
+    parser.add_argument("--time-limit", type=positive_float, default=None, help="minutes before checkpoint-and-stop")
     parser.add_argument("--ship", default=None, help="copy the final model to this directory when training ends")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config:
-        values.update(json.loads(Path(args.config).read_text()))
+        try:
+            loaded = json.loads(Path(args.config).read_text())
+        except OSError as error:
+            parser.error(f"--config {args.config}: {error.strerror or error}")
+        except json.JSONDecodeError as error:
+            parser.error(f"--config {args.config} is not valid JSON: {error}")
+        if not isinstance(loaded, dict):
+            parser.error(f"--config {args.config} must hold a JSON object of TrainConfig options")
+        values.update(loaded)
     for item in args.set:
-        key, _, raw = item.partition("=")
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set expects KEY=JSON, got {item!r}")
         try:
             values[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -496,8 +789,13 @@ def main(argv: list[str] | None = None) -> int:
         values["time_limit_minutes"] = args.time_limit
     if args.no_progress:
         values["progress"] = False
-    config = TrainConfig.from_dict(values)
-    out = train(config)
+    try:
+        out = train(TrainConfig.from_dict(values))
+    except ConfigError as error:  # a bad option: the message names it
+        report_error(PROG, error)
+        return EXIT_USAGE
+    except (NaViLError, OSError) as error:  # found while running; the message names the file
+        return report_error(PROG, error)
     if args.ship:
         ship = Path(args.ship)
         ship.mkdir(parents=True, exist_ok=True)

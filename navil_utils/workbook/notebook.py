@@ -60,15 +60,28 @@ def resolve_model_path(model_path: str | os.PathLike | None = None, default: str
     Precedence: an explicit ``model_path`` (e.g. papermill ``-p model_path …``) >
     ``$NAVIL_MODEL_PATH`` > ``default`` (relative defaults are resolved against the repo root).
     Hub ids (``org/name``) are returned unchanged; :func:`navil_utils.load_model` decides whether
-    they can be reached.
+    they can be reached.  A ``model_path`` / ``$NAVIL_MODEL_PATH`` that is neither an existing path nor a
+    hub id raises :class:`~navil_utils.errors.CheckpointNotFoundError` naming where it came from.
     """
-    chosen = model_path or os.environ.get(MODEL_PATH_ENV) or default
+    from navil_utils.errors import CheckpointNotFoundError, ConfigError
+    from navil_utils.models.checkpoint import looks_like_hub_id
+
+    env_value = os.environ.get(MODEL_PATH_ENV)
+    if model_path:
+        chosen, source = model_path, "model_path"
+    elif env_value:
+        chosen, source = env_value, f"${MODEL_PATH_ENV}"
+    else:
+        chosen, source = default, "the default model path"
     if chosen is None:
-        raise ValueError(f"no model path given: pass model_path=… or set ${MODEL_PATH_ENV}")
+        raise ConfigError(f"no model path given: pass model_path=… or set ${MODEL_PATH_ENV}")
     chosen = str(chosen)
     candidate = Path(chosen).expanduser()
     if not candidate.is_absolute() and not candidate.exists() and (repo_root() / candidate).exists():
         candidate = repo_root() / candidate
     if candidate.exists():
         return str(candidate.resolve())
+    if source != "the default model path" and not looks_like_hub_id(chosen):
+        raise CheckpointNotFoundError(f"{source} = {chosen!r}: no such checkpoint directory (and not a hub id "
+                                      "'org/name')")
     return chosen
