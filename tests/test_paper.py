@@ -361,3 +361,106 @@ def test_plot_helpers_draw_expected_artists(bench):
     assert sum(len(c.get_offsets()) for c in ax.collections) == 14  # models with a Table 4 average
     assert [t.get_text() for t in ax.texts] == ["NaViL-9B"]
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ issue 16 helpers
+def test_benchmarks_ahead_of_navil_2b_at_2b_scale(bench):
+    from navil_utils.paper.tables import benchmarks_ahead, leads_table
+
+    all_14 = list(AVERAGE_METRICS["Avg (Table 1)"]) + list(AVERAGE_METRICS["Avg (Table 2)"])
+    qwen = benchmarks_ahead("Qwen2VL-2B", "NaViL-2B", all_14, table=bench)
+    assert list(qwen.index) == ["MMB", "MME", "OCRBench", "TextVQA", "GQA", "DocVQA", "AI2D", "InfoVQA"]
+    assert qwen.loc["DocVQA", "margin"] == pytest.approx(4.7)
+    assert qwen.loc["InfoVQA", "margin"] == pytest.approx(9.5)
+    assert qwen.loc["AI2D", "margin"] == pytest.approx(0.1)
+    internvl = benchmarks_ahead("InternVL-2.5-2B", "NaViL-2B", all_14, table=bench)
+    assert list(internvl.index) == ["MMMU", "MMB", "MME", "MathVista", "OCRBench", "SQA-I", "GQA", "DocVQA", "AI2D",
+                                    "ChartQA", "InfoVQA"]
+    # the reverse direction: NaViL-2B leads its compositional twin on the remaining three
+    assert list(benchmarks_ahead("NaViL-2B", "InternVL-2.5-2B", all_14, table=bench).index) == ["MMVet", "CCB",
+                                                                                                "TextVQA"]
+    table = leads_table("NaViL-2B", ["InternVL-2.5-2B", "Qwen2VL-2B", "Mono-InternVL", "EVEv2", "SAIL"], all_14,
+                        table=bench)
+    assert table["ahead"].to_dict() == {"InternVL-2.5-2B": 11, "Qwen2VL-2B": 8, "Mono-InternVL": 1, "EVEv2": 4,
+                                        "SAIL": 3}
+    assert (table["compared"] == 14).all()
+    assert table.loc["SAIL", "ahead on"] == "MathVista, TextVQA, AI2D"
+    # models missing a benchmark are compared only where both report
+    nine = leads_table("NaViL-9B", ["NVLM-D-72B", "Qwen2.5-VL-7B"], ["MMMU", "MathVista", "MMVet"], table=bench)
+    assert nine.loc["NVLM-D-72B", "compared"] == 2 and nine.loc["NVLM-D-72B", "ahead on"] == "MMMU"
+    assert nine.loc["Qwen2.5-VL-7B", "ahead"] == 2
+
+
+def test_samples_to_reach_interpolates_in_log_samples():
+    from navil_utils.paper.tables import samples_to_reach
+
+    assert samples_to_reach([10, 100], [2.0, 1.0], 1.5) == pytest.approx(math.sqrt(10 * 100))
+    assert samples_to_reach([10, 100], [2.0, 1.0], 1.0) == pytest.approx(100)
+    assert samples_to_reach([10, 100], [2.0, 1.0], 2.5) == pytest.approx(10)  # already below at the first point
+    assert math.isnan(samples_to_reach([10, 100], [2.0, 1.0], 0.5))
+    with pytest.raises(ValueError, match="increasing"):
+        samples_to_reach([100, 10], [2.0, 1.0], 1.5)
+
+
+def test_data_efficiency_of_llm_init_and_moe():
+    from navil_utils.paper.tables import data_efficiency
+
+    curves = load_paper_table("training_curves")
+    init = data_efficiency(curves, "Fig. 2", "w/ LLM init", "w/o LLM init", [1.79, 1.25, 1.0, 0.88, 0.76, 0.74])
+    assert init.loc[1.0, "w/ LLM init (M samples)"] == pytest.approx(29.0)
+    assert init.loc[1.0, "w/o LLM init (M samples)"] == pytest.approx(84.0)
+    # ~3x in mid-training, more at both ends, ~9x late on the dashed extension (the paper: > 10x)
+    assert list(init["ratio"]) == [7.6, 3.6, 2.9, 2.4, 8.5, 8.8]
+    assert list(init["uses_dashed_extension"]) == [False, False, False, False, True, True]
+    moe = data_efficiency(curves, "Fig. 3", "w/ MoE", "w/o MoE", [2.0, 1.9, 1.77])
+    assert list(moe["ratio"]) == [6.6, 11.1, 16.2]
+    assert not moe["uses_dashed_extension"].any()
+    with pytest.raises(PaperDataError, match="no val_loss curve"):
+        data_efficiency(curves, "Fig. 2", "w/ LLM init", "w/ MoE", [1.0])
+
+
+def test_spread_positions_keeps_order_gap_and_untouched_labels():
+    from navil_utils.plotting.paper import spread_positions
+
+    assert spread_positions([0.0, 10.0], 1.0) == [0.0, 10.0]  # far apart: unchanged
+    placed = spread_positions([5.0, 5.2, 5.1, 20.0], 1.0)
+    assert placed[3] == 20.0
+    ordered = sorted(placed[:3])
+    assert np.allclose(np.diff(ordered), 1.0) and np.mean(placed[:3]) == pytest.approx(5.1)
+    assert placed[0] < placed[2] < placed[1]  # keeps the wanted order
+    assert spread_positions([3.0, 3.0], 2.0) == [2.0, 4.0]  # ties: input order
+
+
+def test_issue16_plots_dots_unreliable_grid_and_label_spacing(bench):
+    from navil_utils.plotting.paper import UNRELIABLE_GRID_LABEL, plot_benchmark_dots
+
+    families = dict(zip(bench["model"], bench["model_family"]))
+    models = ["NaViL-9B", "InternVL-2.5-8B", "NVLM-D-72B"]
+    matrix = benchmark_matrix(models, ["MMMU", "OCRBench", "MMVet"], percent=True, table=bench)
+    fig, ax = plt.subplots()
+    plot_benchmark_dots(matrix, ax, model_colours(models, families))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["MMMU", "OCRBench", "MMVet"]
+    # NVLM-D-72B reports no MMVet: 8 dots, not 9; OCRBench on the 0-100 scale
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 8
+    xs = np.concatenate([c.get_offsets()[:, 0] for c in ax.collections])
+    assert xs.max() == pytest.approx(85.3) and xs.min() == pytest.approx(54.7)
+    plt.close(fig)
+
+    grid = load_paper_table("scaling_grid")
+    best = grid[grid["optimal_encoder"]]
+    fig, ax = plt.subplots()
+    plot_optimal_encoder(grid, fit_power_law(best["llm_size_b"], best["visual_encoder_size_b"]), ax)
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts[0] == UNRELIABLE_GRID_LABEL and "unreliable" in texts[0]
+    assert ax.collections[0].get_facecolors().size == 0  # hollow markers
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_xlim(1.5, 12)
+    plot_params_vs_score(bench, "Avg (Table 4)", ax,
+                         label_models={"InternVL-2.5-8B": (-6, 0), "Qwen2VL-7B": (-6, 0), "NaViL-9B": (6, 0)})
+    fig.canvas.draw()
+    boxes = {t.get_text(): t.get_window_extent() for t in ax.texts}
+    assert not boxes["InternVL-2.5-8B"].overlaps(boxes["Qwen2VL-7B"])  # 77.3 vs 77.1: pushed apart
+    assert boxes["NaViL-9B"].x0 > boxes["InternVL-2.5-8B"].x1  # other side: untouched
+    plt.close(fig)

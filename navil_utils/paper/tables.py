@@ -238,3 +238,103 @@ def architecture_summary(models: Sequence[str] | None = None) -> pd.DataFrame:
     summary.index = [label for _, label in ARCHITECTURE_FIELDS]
     summary.index.name, summary.columns.name = "field", "model"
     return summary
+
+
+def benchmarks_ahead(
+    model: str,
+    reference: str,
+    benchmarks: Sequence[str] | None = None,
+    *,
+    table: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Benchmarks on which ``model`` scores strictly higher than ``reference``.
+
+    Only benchmarks both models report are compared (``None`` = every benchmark, in file order).
+    Returns one row per benchmark won, in the requested order, with the two raw scores and the
+    ``margin`` (model − reference, in the benchmark's own unit).
+    """
+    matrix = benchmark_matrix([model, reference], benchmarks, table=table)
+    both = matrix.T.dropna()
+    ahead = both[both[model] > both[reference]]
+    return ahead.assign(margin=(ahead[model] - ahead[reference]).round(2))
+
+
+def leads_table(
+    reference: str,
+    models: Sequence[str],
+    benchmarks: Sequence[str],
+    *,
+    table: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """For each of ``models``: on which of ``benchmarks`` it beats ``reference`` (strictly), and how often.
+
+    Columns: ``compared`` (benchmarks both report), ``ahead`` (count), ``ahead on`` (comma-separated,
+    in the order of ``benchmarks``).
+    """
+    rows = []
+    for model in models:
+        matrix = benchmark_matrix([model, reference], benchmarks, table=table)
+        won = benchmarks_ahead(model, reference, benchmarks, table=table)
+        rows.append({"model": model, "compared": int(matrix.notna().all().sum()), "ahead": len(won),
+                     "ahead on": ", ".join(won.index)})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def samples_to_reach(samples: Sequence[float], values: Sequence[float], target: float) -> float:
+    """Samples at which a decreasing loss curve first reaches ``target`` (NaN if it never does).
+
+    Interpolates linearly in log(samples) between the two points that bracket ``target`` (the paper's
+    x axes are logarithmic).  Points must be sorted by ``samples``.
+    """
+    x = np.log(np.asarray(samples, dtype=float))
+    y = np.asarray(values, dtype=float)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError("samples and values must be non-empty and of equal length")
+    if np.any(np.diff(x) <= 0):
+        raise ValueError("samples must be strictly increasing")
+    if y[0] <= target:
+        return float(np.exp(x[0]))
+    below = np.nonzero(y <= target)[0]
+    if below.size == 0:
+        return float("nan")
+    i = int(below[0])
+    fraction = (y[i - 1] - target) / (y[i - 1] - y[i])
+    return float(np.exp(x[i - 1] + fraction * (x[i] - x[i - 1])))
+
+
+def data_efficiency(
+    curves: pd.DataFrame,
+    figure: str,
+    faster: str,
+    slower: str,
+    targets: Sequence[float],
+    metric: str = "val_loss",
+) -> pd.DataFrame:
+    """How many times more samples ``slower`` needs than ``faster`` to reach each target loss.
+
+    ``curves`` is ``training_curves.csv``.  Returns one row per target: the samples (M) each series
+    needs (log-linear interpolation, :func:`samples_to_reach`), their ``ratio`` and
+    ``uses_dashed_extension`` — True when a bracketing point is the paper's dashed ~1B-sample
+    extension, where interpolation across a 10× gap is only a rough estimate.
+    """
+    selected = curves[(curves["figure"] == figure) & (curves["metric"] == metric)]
+    points = {}
+    for series in (faster, slower):
+        rows = selected[selected["series"] == series].sort_values("samples_m")
+        if rows.empty:
+            raise PaperDataError(f"no {metric} curve {series!r} in {figure!r}")
+        points[series] = rows
+    out = []
+    for target in targets:
+        row: dict[str, float | bool] = {"target loss": float(target)}
+        dashed = False
+        for series in (faster, slower):
+            rows = points[series]
+            reached = samples_to_reach(rows["samples_m"], rows["value"], target)
+            row[f"{series} (M samples)"] = round(reached, 1)
+            solid_max = rows.loc[~rows["dashed_extension"], "samples_m"].max()
+            dashed = dashed or bool(reached > solid_max * (1 + 1e-9))
+        row["ratio"] = round(row[f"{slower} (M samples)"] / row[f"{faster} (M samples)"], 1)
+        row["uses_dashed_extension"] = dashed
+        out.append(row)
+    return pd.DataFrame(out).set_index("target loss")

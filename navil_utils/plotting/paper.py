@@ -27,6 +27,8 @@ METRIC_LABELS = {
     "val_loss": "validation loss (cross-entropy per token)",
     "coco_cider": "COCO Caption CIDEr (zero-shot)",
 }
+#: Legend text of the (unreliable) per-LLM encoder sizes in :func:`plot_optimal_encoder`.
+UNRELIABLE_GRID_LABEL = "encoder sizes trained (unreliable: from an\nAI-generated figure description)"
 SAMPLES_LABEL = "training data size (million image-text samples, log scale)"
 PERCENT_LABEL = "score (0-100; MME / 28, OCRBench / 10)"
 
@@ -150,8 +152,11 @@ def plot_optimal_encoder(grid: pd.DataFrame, fit: PowerLaw, ax: Axes) -> Axes:
     """
     tested = grid[~grid["optimal_encoder"]]
     best = grid[grid["optimal_encoder"]]
-    ax.scatter(tested["llm_size_b"], tested["visual_encoder_size_b"], s=25, color=PALETTE["text"],
-               label="encoder sizes trained in the study")
+    # the per-LLM encoder ranges come from an AI-generated figure description, not from the paper's text:
+    # hollow, dashed markers and the legend say so
+    ax.scatter(tested["llm_size_b"], tested["visual_encoder_size_b"], s=30, facecolors="none",
+               edgecolors="0.45", linestyles="--", linewidths=1.0,
+               label=UNRELIABLE_GRID_LABEL)
     ax.scatter(best["llm_size_b"], best["visual_encoder_size_b"], s=60, color=PALETTE["navil_2b"], zorder=3,
                label="optimal encoder (paper Fig. 7)")
     x = np.geomspace(grid["llm_size_b"].min() * 0.8, grid["llm_size_b"].max() * 1.25, 50)
@@ -166,7 +171,7 @@ def plot_optimal_encoder(grid: pd.DataFrame, fit: PowerLaw, ax: Axes) -> Axes:
     ax.minorticks_off()
     ax.set_xlabel("LLM size (B params, log scale)")
     ax.set_ylabel("visual encoder size (B params, log scale)")
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", fontsize=8)
     return ax
 
 
@@ -185,12 +190,17 @@ def plot_params_vs_score(
     benchmark: str,
     ax: Axes,
     label_models: Sequence[str] | Mapping[str, tuple[float, float]] = (),
+    label_gap_pt: float = 11.0,
+    log_x_per_pt: float = 0.006,
 ) -> Axes:
     """Scatter of activated parameters (log x) against one benchmark: one point per model, coloured by family.
 
     ``tidy`` is ``benchmarks.csv``; models without ``active_params_b`` are left out.  ``label_models``
-    get a text label next to their point — a mapping gives each label's offset in points (dx, dy);
-    the legend lists the families.
+    get a text label next to their point — a mapping gives each label's wanted offset in points (dx, dy;
+    the sign of dx picks the side).  Labels on the same side of points with similar x are then pushed
+    apart vertically to at least ``label_gap_pt`` (:func:`spread_positions`), and a label moved away
+    from its point gets a thin leader line; ``log_x_per_pt`` converts dx to a factor on the log x axis.
+    The legend lists the families.
     """
     rows = tidy[(tidy["benchmark"] == benchmark) & tidy["active_params_b"].notna()]
     if rows.empty:
@@ -199,12 +209,105 @@ def plot_params_vs_score(
         ax.scatter(points["active_params_b"], points["score"], s=45, color=FAMILY_COLOURS[family],
                    edgecolor="white", zorder=3, label=family)
     offsets = label_models if isinstance(label_models, Mapping) else {m: (5, 4) for m in label_models}
-    for _, row in rows[rows["model"].isin(list(offsets))].iterrows():
-        dx, dy = offsets[row["model"]]
-        ax.annotate(row["model"], (row["active_params_b"], row["score"]), textcoords="offset points",
-                    xytext=(dx, dy), ha="right" if dx < 0 else "left", va="center", fontsize=8)
+    labelled = rows[rows["model"].isin(list(offsets))]
+    # labels on the same side of neighbouring points are pushed apart vertically (deterministic, no solver):
+    # label height ≈ 11 pt, converted to data units with the axes' current y range and height
+    ax.autoscale_view()
+    y0, y1 = ax.get_ylim()
+    height_pt = ax.get_window_extent().height * 72.0 / ax.figure.dpi
+    gap = label_gap_pt * (y1 - y0) / max(height_pt, 1.0)
+    targets: dict[str, float] = {}
+    for side in (-1, 1):
+        for cluster in _x_clusters(labelled[[np.sign(offsets[m][0]) == side for m in labelled["model"]]]):
+            wanted = [row["score"] + offsets[row["model"]][1] * (y1 - y0) / max(height_pt, 1.0)
+                      for _, row in cluster.iterrows()]
+            targets.update(zip(cluster["model"], spread_positions(wanted, gap)))
+    for _, row in labelled.iterrows():
+        dx, _ = offsets[row["model"]]
+        x, y = row["active_params_b"], row["score"]
+        moved = abs(targets[row["model"]] - y) > 0.6 * gap
+        ax.annotate(row["model"], (x, y), xytext=(x * np.exp(np.sign(dx) * abs(dx) * log_x_per_pt), targets[row["model"]]),
+                    textcoords="data", ha="right" if dx < 0 else "left", va="center", fontsize=8,
+                    arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6, "shrinkA": 1, "shrinkB": 3}
+                    if moved else None)
     _plain_log_xticks(ax, rows["active_params_b"])
     ax.set_xlabel("activated parameters (B, log scale)")
     ax.set_ylabel(f"{benchmark} (0-100)")
     ax.legend(title="model family")
+    return ax
+
+
+def spread_positions(wanted: Sequence[float], min_gap: float) -> list[float]:
+    """Positions as close as possible to ``wanted`` (same order) with neighbours at least ``min_gap`` apart.
+
+    Deterministic: sort, then repeatedly merge overlapping groups and centre each group on the mean of
+    its wanted positions (the classic "label de-overlap" pass; exact for one dimension).
+    """
+    order = sorted(range(len(wanted)), key=lambda i: (wanted[i], i))
+    groups: list[list[int]] = []  # each group: indices in sorted order, laid out min_gap apart
+    for index in order:
+        groups.append([index])
+        while len(groups) > 1:
+            low, high = groups[-2], groups[-1]
+            low_top = _group_start(low, wanted, min_gap) + (len(low) - 1) * min_gap
+            if _group_start(high, wanted, min_gap) - low_top >= min_gap - 1e-12:
+                break
+            groups[-2:] = [low + high]
+    placed = [0.0] * len(wanted)
+    for group in groups:
+        start = _group_start(group, wanted, min_gap)
+        for k, index in enumerate(group):
+            placed[index] = start + k * min_gap
+    return placed
+
+
+def _group_start(group: list[int], wanted: Sequence[float], min_gap: float) -> float:
+    """Bottom position of a group laid out ``min_gap`` apart and centred on its members' wanted mean."""
+    return float(np.mean([wanted[i] - k * min_gap for k, i in enumerate(group)]))
+
+
+def _x_clusters(rows: pd.DataFrame, ratio: float = 1.25) -> list[pd.DataFrame]:
+    """Split rows into groups of points whose activated parameters lie within ``ratio`` of each other."""
+    rows = rows.sort_values(["active_params_b", "model"])
+    clusters: list[pd.DataFrame] = []
+    start = 0
+    values = rows["active_params_b"].to_numpy(dtype=float)
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or values[i] > values[start] * ratio:
+            if i > start:
+                clusters.append(rows.iloc[start:i])
+            start = i
+    return clusters
+
+
+def plot_benchmark_dots(
+    matrix: pd.DataFrame,
+    ax: Axes,
+    colours: Mapping[str, str] | None = None,
+    markers: Sequence[str] = ("o", "s", "D", "^", "v", "P", "X"),
+    xlabel: str = PERCENT_LABEL,
+) -> Axes:
+    """Dot plot: one row per benchmark (column of ``matrix``), one marker per model (row), score on x.
+
+    Markers of one benchmark are dodged vertically (fixed order = row order of ``matrix``) so that close
+    scores stay visible; a thin line spans each benchmark's min-max.  Unreported scores are left out.
+    """
+    n_models, n_bench = matrix.shape
+    y = np.arange(n_bench)[::-1].astype(float)
+    dodge = np.linspace(0.28, -0.28, n_models) if n_models > 1 else np.zeros(1)  # first model on top
+    for j, benchmark in enumerate(matrix.columns):
+        values = matrix[benchmark].dropna()
+        if len(values) > 1:
+            ax.plot([values.min(), values.max()], [y[j], y[j]], color="0.8", lw=3, zorder=1, solid_capstyle="round")
+    for i, (name, row) in enumerate(matrix.iterrows()):
+        colour = (colours or {}).get(name, f"C{i}")
+        values = row.to_numpy(dtype=float)
+        keep = ~np.isnan(values)
+        ax.scatter(values[keep], y[keep] + dodge[i], s=42, marker=markers[i % len(markers)], color=colour,
+                   edgecolor="black", linewidths=0.5, zorder=3, label=name)
+    ax.set_yticks(y, matrix.columns)
+    ax.set_ylim(-0.6, n_bench - 0.4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("benchmark")
+    ax.grid(axis="y", visible=False)
     return ax

@@ -81,9 +81,13 @@ def _short(count: float) -> str:
     return f"{count / 1e6:.3g}M" if count >= 1e6 else f"{count / 1e3:.3g}k"
 
 
+#: Marker of a run's seed in :func:`plot_loss_vs_data` (seed 0: dot, 1: cross, …).
+SEED_MARKERS = (".", "x", "^", "s")
+
+
 def plot_loss_vs_data(records: Sequence[Mapping[str, Any]], ax: Axes) -> Axes:
     """Held-out caption loss against training samples seen, one line per run (colour: LLM size, line
-    style: encoder size; runs of another study or seed say so in the legend)."""
+    style: encoder size, marker: seed; runs of another study or seed say so in the legend)."""
     if not records:
         raise ValueError("no runs to plot")
     colours = _llm_colours([float(r["params_llm_active"]) for r in records])
@@ -95,7 +99,8 @@ def plot_loss_vs_data(records: Sequence[Mapping[str, Any]], ax: Axes) -> Axes:
         extra = [] if record.get("study", "grid") == "grid" else [record["study"]]
         extra += [f"seed {record['seed']}"] if record.get("seed", 0) else []
         label = f"LLM {_short(record['params_llm_active'])}, ViT {_short(record['params_encoder'])}"
-        ax.plot(samples, losses, marker=".", color=colours[float(record["params_llm_active"])],
+        ax.plot(samples, losses, marker=SEED_MARKERS[int(record.get("seed", 0)) % len(SEED_MARKERS)], markersize=4,
+                color=colours[float(record["params_llm_active"])],
                 linestyle=styles[encoders.index(float(record["params_encoder"])) % len(styles)],
                 label=label + (f" ({', '.join(extra)})" if extra else ""))
     ax.set_xscale("log")
