@@ -155,8 +155,9 @@ def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 # ----------------------------------------------------------------------------- config
-def load_config(directory: str | os.PathLike, **overrides: Any) -> NaViLChatConfig:
-    """Read ``config.json`` of a NaViL checkpoint (``model_type`` must be ``navil_chat``)."""
+def read_config_json(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """``(path, contents)`` of a checkpoint's ``config.json``: a missing file, invalid JSON or JSON that is not
+    an object raise typed errors naming the file."""
     file = Path(directory) / CONFIG_NAME
     if not file.is_file():
         raise CheckpointNotFoundError(f"{file} not found: {directory} is not a model directory")
@@ -166,6 +167,12 @@ def load_config(directory: str | os.PathLike, **overrides: Any) -> NaViLChatConf
         raise CorruptCheckpointError(f"{file} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{file} must hold a JSON object (the model config), got a JSON {type(data).__name__}")
+    return file, data
+
+
+def load_config(directory: str | os.PathLike, **overrides: Any) -> NaViLChatConfig:
+    """Read ``config.json`` of a NaViL checkpoint (``model_type`` must be ``navil_chat``)."""
+    file, data = read_config_json(directory)
     for key in ("llm_config", "vision_config"):
         if key in data and not isinstance(data[key], dict):
             raise ConfigError(f"{file}: {key!r} must be a JSON object, got {type(data[key]).__name__}")

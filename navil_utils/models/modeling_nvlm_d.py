@@ -42,7 +42,6 @@ generation on a tiny random model.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -57,18 +56,16 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from navil_utils.errors import (
-    CheckpointNotFoundError,
     ConfigError,
-    CorruptCheckpointError,
     ModelInputError,
     WeightsMismatchError,
 )
 from navil_utils.models.checkpoint import (
-    CONFIG_NAME,
     WEIGHTS_NAME,
     check_finite_weights,
     checkpoint_headers,
     compare_state_shapes,
+    read_config_json,
     resolve_checkpoint,
     weight_files,
 )
@@ -404,16 +401,9 @@ def check_state_shapes(config: NVLMDConfig, found: Mapping[str, tuple[int, ...]]
 
 def read_nvlm_d_config(directory: str | os.PathLike) -> NVLMDConfig:
     """Read ``config.json`` of an NVLM-D checkpoint (``model_type`` must be ``NVLM_D``)."""
-    file = Path(directory) / CONFIG_NAME
-    if not file.is_file():
-        raise CheckpointNotFoundError(f"{file} not found: {directory} is not a model directory")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptCheckpointError(f"{file} is not valid JSON: {err}") from err
-    if not isinstance(data, dict) or data.get("model_type") != NVLM_D_MODEL_TYPE:
-        found = data.get("model_type") if isinstance(data, dict) else type(data).__name__
-        raise ConfigError(f"{file} has model_type {found!r}; expected {NVLM_D_MODEL_TYPE!r}")
+    file, data = read_config_json(directory)
+    if data.get("model_type") != NVLM_D_MODEL_TYPE:
+        raise ConfigError(f"{file} has model_type {data.get('model_type')!r}; expected {NVLM_D_MODEL_TYPE!r}")
     data.pop("model_type")
     data.pop("transformers_version", None)
     return NVLMDConfig(**data)

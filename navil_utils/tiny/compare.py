@@ -294,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = expand_spec(spec)
         except (TypeError, ValueError, KeyError) as err:
             raise ConfigError(f"{path}: invalid comparison spec ({type(err).__name__}: {err})") from err
-        device = args.device
-        device = resolve_device(device)
+        device = resolve_device(args.device)
         records = run_compare(runs, args.results, out_root=args.out_root, device=device,
                               progress=not args.no_progress)
     except (NaViLError, OSError) as error:

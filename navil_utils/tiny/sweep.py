@@ -421,8 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     grid_path, spec = args.grid
     try:
         runs = _runs_of(grid_path, spec)
-        device = args.device
-        device = resolve_device(device)
+        device = resolve_device(args.device)
         records = run_sweep(runs, args.results, out_root=args.out_root, workers=args.workers, backend=args.backend,
                             address=args.address, device=device, progress=not args.no_progress)
     except (NaViLError, OSError) as error:
