@@ -76,7 +76,7 @@ _register("navil_utils.chatting", "chat", "chat_turn", "batch_chat", "ChatStream
 # analysis
 _register("navil_utils.analysis.parameters", "count_parameters", "expected_parameter_counts", "compare_with_paper")
 _register("navil_utils.analysis.device_maps", "plan_device_map", "DevicePlan")
-_register("navil_utils.analysis.token_budgets", "token_budget_table")
+_register("navil_utils.analysis.token_budgets", "token_budget_table", "encoder_cost_table", "encoder_flops")
 _register("navil_utils.analysis.attention", "AttentionRecorder", "TokenLayout")
 _register("navil_utils.analysis.attention_maps", "scale_maps", "upsample_to_image", "attention_rollout", "vit_rollout",
           "scale_geometries", "plan_geometries")

@@ -169,6 +169,10 @@ def test_success_failure_items_pick_the_first_of_each_kind():
     assert items[1].prediction == "c"
     assert items[2].prediction == "a" and items[2].correct is False
     assert isinstance(items[3], str) and "no wrong count" in items[3]
+    items = success_failure_items(records, samples, ["color", "count"], exclude=[0, 1])
+    assert isinstance(items[0], str) and "no correct color" in items[0]  # the only correct color is excluded
+    assert items[1].prediction == "c"
+    assert items[2].prediction == "d" and items[2].correct is False  # the next wrong color after index 0
 
 
 def test_qa_gallery_frames_show_the_outcome():

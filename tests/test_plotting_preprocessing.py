@@ -1,6 +1,8 @@
 """The preprocessing figures draw what the data says (counts in titles/legends, one image per scale)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -11,7 +13,9 @@ import pytest  # noqa: E402
 
 from navil_utils.analysis.token_budgets import token_budget_table  # noqa: E402
 from navil_utils.plotting.preprocessing import (  # noqa: E402
+    PREPROCESSING_COLOURS,
     budget_explorer,
+    has_window_attention,
     image_span_categories,
     plot_multiscale_scales,
     plot_nvlm_tiles,
@@ -38,7 +42,38 @@ def test_scales_figure_has_one_image_per_scale(inputs):
         assert image.get_array().shape[:2] == scale.padded_hw  # true size, padding included
     assert f"{inputs.num_visual_tokens} visual tokens" in ax.get_title()
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["patch (16 px)", "merged token (32 px)", "attention window (128 px)", "zero padding"]
+    assert labels == ["patch (16 px)", "merged token (32 px)", "zero padding"]  # no config: no windows
+    plt.close(fig)
+
+
+def _window_collections(ax):
+    window = matplotlib.colors.to_rgba(PREPROCESSING_COLOURS["window"])
+    return [c for c in ax.collections if tuple(c.get_colors()[0]) == window]
+
+
+def test_windows_follow_the_config(inputs):
+    shipped = {"fullatt_block_indexes": None, "num_hidden_layers": 4, "window_size": 8}
+    windowed = {"fullatt_block_indexes": [3], "num_hidden_layers": 4, "window_size": 4}
+    all_listed = {"fullatt_block_indexes": [0, 1, 2, 3], "num_hidden_layers": 4, "window_size": 8}
+    assert not has_window_attention(shipped)
+    assert not has_window_attention(all_listed)  # every layer global
+    assert has_window_attention(windowed)
+    from navil_utils.models.checkpoint import load_config
+    from navil_utils.models.presets import navil_2b_config, navil_9b_config
+
+    for config in (navil_2b_config(), navil_9b_config(), load_config(Path(__file__).resolve().parents[1] / "data" / "models" / "navil-tiny")):
+        assert config.vision_config.fullatt_block_indexes is None
+        assert not has_window_attention(config.vision_config)
+    fig = plot_multiscale_scales(inputs, vision_config=shipped)
+    assert not _window_collections(fig.axes[0])
+    plt.close(fig)
+    fig = plot_multiscale_scales(inputs, vision_config=windowed)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[2] == "attention window (64 px)"  # window_size 4 patches of 16 px, from the config
+    assert len(_window_collections(fig.axes[0])) == len(inputs.scales)
+    plt.close(fig)
+    fig = plot_multiscale_scales(inputs, vision_config=windowed, show_windows=False)  # explicit wins
+    assert not _window_collections(fig.axes[0])
     plt.close(fig)
 
 

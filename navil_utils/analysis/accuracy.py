@@ -121,3 +121,66 @@ def accuracy_table(frame, chance: Mapping[str, float] | None = None, digits: int
         wide["chance"] = [round(chance[q], digits) if q in chance else math.nan for q in order]
     wide.index.name = "question type"
     return wide
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paired comparisons (the same questions answered under two settings)
+# ---------------------------------------------------------------------------------------------------
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar test of two paired binary outcomes.
+
+    ``only_first`` (b) = pairs where only the first setting is correct, ``only_second`` (c) = pairs
+    where only the second is.  Under the null hypothesis (equal accuracy) each of the ``n = b + c``
+    discordant pairs falls on either side with probability ½, so b ~ Binomial(n, ½) and
+    ``p = min(1, 2 · P(X ≤ min(b, c)))``, computed exactly with :func:`math.comb`.  ``p = 1`` if ``n = 0``.
+    """
+    b, c = int(only_first), int(only_second)
+    if b < 0 or c < 0:
+        raise ConfigError(f"discordant counts must be >= 0, got {b}, {c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_comparison(results: Mapping[str, Any], baseline: str, *, keep: Iterable[int] | None = None,
+                      qtypes: Sequence[str] | None = None):
+    """Every setting against ``baseline`` on the *same* questions, per question type.
+
+    Records are paired by ``index`` (both settings must hold the same indices).  For each other
+    setting and question type: ``n`` pairs, both accuracies, their difference (other − baseline),
+    the discordant counts ``only_baseline`` / ``only_other`` and the exact McNemar p-value
+    (:func:`mcnemar_exact`).  An ``"overall"`` row per setting uses all pairs.
+    """
+    import pandas as pd
+
+    if baseline not in results:
+        raise ConfigError(f"baseline {baseline!r} is not one of the settings {list(results)}")
+    kept = None if keep is None else {int(i) for i in keep}
+
+    def by_index(result):
+        return {int(r["index"]): r for r in _records(result) if kept is None or int(r["index"]) in kept}
+
+    base = by_index(results[baseline])
+    rows = []
+    for setting, result in results.items():
+        if setting == baseline:
+            continue
+        other = by_index(result)
+        if set(other) != set(base):
+            raise ConfigError(f"settings {baseline!r} and {setting!r} answered different questions")
+        order = list(qtypes) if qtypes is not None else sorted({r["qtype"] for r in base.values()})
+        for qtype in [*order, OVERALL]:
+            indices = [i for i, r in base.items() if qtype == OVERALL or r["qtype"] == qtype]
+            first = [bool(base[i]["correct"]) for i in indices]
+            second = [bool(other[i]["correct"]) for i in indices]
+            n = len(indices)
+            b = sum(f and not s for f, s in zip(first, second))
+            c = sum(s and not f for f, s in zip(first, second))
+            acc_base = sum(first) / n if n else math.nan
+            acc_other = sum(second) / n if n else math.nan
+            rows.append({"setting": setting, "qtype": qtype, "n": n, f"accuracy ({baseline})": acc_base,
+                         "accuracy": acc_other, "difference": acc_other - acc_base,
+                         f"only {baseline} correct": b, "only this correct": c, "McNemar p": mcnemar_exact(b, c)})
+    return pd.DataFrame(rows)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,17 +165,20 @@ def plot_qa_gallery(items: Sequence[GalleryItem | str | None], *, ncols: int = 5
 
 
 def success_failure_items(records: Sequence[Mapping[str, Any]], samples: Mapping[int, Any] | Sequence[Any],
-                          qtypes: Sequence[str]) -> list[GalleryItem | str]:
+                          qtypes: Sequence[str], *, exclude: Iterable[int] = ()) -> list[GalleryItem | str]:
     """The first correct and the first wrong record of every question type, as gallery items.
 
     Returns ``len(qtypes)`` successes followed by ``len(qtypes)`` failures (a short note where a type
     has none), i.e. two rows of :func:`plot_qa_gallery` with ``ncols=len(qtypes)``.  ``samples`` maps
     a record's ``index`` to its :class:`~navil_utils.tiny.synthetic.Sample` (a list indexed by ``index`` works).
+    Records whose ``index`` is in ``exclude`` are skipped (e.g. questions already shown elsewhere).
     """
+    skipped = {int(i) for i in exclude}
     rows: list[GalleryItem | str] = []
     for wanted in (True, False):
         for qtype in qtypes:
-            record = next((r for r in records if r["qtype"] == qtype and bool(r["correct"]) is wanted), None)
+            record = next((r for r in records if r["qtype"] == qtype and bool(r["correct"]) is wanted
+                           and int(r["index"]) not in skipped), None)
             if record is None:
                 rows.append(f"no {'correct' if wanted else 'wrong'} {qtype}\nanswer among the\nevaluated questions")
                 continue

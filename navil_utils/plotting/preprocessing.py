@@ -35,17 +35,50 @@ def _grid_lines(x0: float, width: int, height: int, step: int) -> list:
     return xs + ys
 
 
-def plot_multiscale_scales(inputs, image_index: int = 0, *, fig=None, show_windows: bool = True,
-                           window_size: int = 8, max_patch_lines: int = 96, title: str | None = None):
+def has_window_attention(vision_config) -> bool:
+    """Whether a ViT config has window-attention layers.
+
+    In NaViL's ViT (:mod:`navil_utils.models.vision`, as in the reference ``modeling_navil_vit_anyres.py``)
+    layer ``l`` attends globally within each image scale if ``fullatt_block_indexes`` is ``None`` or
+    contains ``l``; every other layer attends inside ``window_size``-patch windows.  So there are window
+    layers only when ``fullatt_block_indexes`` is a list that misses at least one of the
+    ``num_hidden_layers`` layers.  ``vision_config`` may be a config object or a dict.
+    """
+    def get(key, default=None):
+        if isinstance(vision_config, dict):
+            return vision_config.get(key, default)
+        return getattr(vision_config, key, default)
+
+    full = get("fullatt_block_indexes")
+    if full is None:
+        return False
+    return any(layer not in full for layer in range(int(get("num_hidden_layers"))))
+
+
+def plot_multiscale_scales(inputs, image_index: int = 0, *, fig=None, vision_config=None,
+                           show_windows: bool | None = None, window_size: int | None = None,
+                           max_patch_lines: int = 96, title: str | None = None):
     """Draw every scale of one image side by side at true relative size (pixel units).
 
     Each scale is the image the ViT sees (rebuilt from ``inputs.pixel_values``), with the ``p``-px
     patch grid (thin; omitted for scales with more than ``max_patch_lines`` patches per side), the
-    ``p·m``-px merged-token grid, the window partition of the window-attention layers
-    (``window_size`` patches per side, orange) and the zero padding shaded.  Below: a legend and one
-    line per scale (resized → padded size, patch grid, visual tokens, padding share).
+    ``p·m``-px merged-token grid and the zero padding shaded.  The window partition of the
+    window-attention layers (``window_size`` patches per side, orange) is drawn only if the ViT has
+    such layers: ``show_windows`` decides explicitly; if it is ``None`` the decision is
+    :func:`has_window_attention` of ``vision_config`` (no config → no windows, as in every shipped
+    config, where ``fullatt_block_indexes`` is ``None`` and all layers are global).  ``window_size``
+    defaults to the config's (else 8, the reference default).  Below: a legend and one line per scale
+    (resized → padded size, patch grid, visual tokens, padding share).
     ``inputs`` is a :class:`navil_utils.processing.multiscale.MultiScaleInputs`.  Returns the figure.
     """
+    if show_windows is None:
+        show_windows = vision_config is not None and has_window_attention(vision_config)
+    if window_size is None:
+        configured = None
+        if vision_config is not None:
+            configured = (vision_config.get("window_size") if isinstance(vision_config, dict)
+                          else getattr(vision_config, "window_size", None))
+        window_size = int(configured or 8)
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
     from matplotlib.lines import Line2D
