@@ -88,6 +88,7 @@ _register("navil_utils.analysis.speed", "measure_generation_speed", "compare_kv_
 # plotting
 _register("navil_utils.plotting.paper", "model_colours", "plot_training_curves", "plot_grouped_bars", "plot_radar",
           "plot_optimal_encoder", "plot_params_vs_score", "FAMILY_COLOURS")
+_register("navil_utils.plotting.architecture", "plot_architecture", "architecture_labels", "ArchitectureLabels")
 _register("navil_utils.plotting.evaluation", "plot_scale_ablation", "plot_qa_gallery", "plot_image_answers",
           "GalleryItem", "success_failure_items")
 # paper tables

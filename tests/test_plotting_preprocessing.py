@@ -114,3 +114,47 @@ def test_budget_slider_redraws():
     assert first.startswith(b"\x89PNG")
     slider.value = 64
     assert bytes(picture.value) != first
+
+
+def test_scales_legend_swatches_match_the_drawn_grid_and_padding(inputs):
+    """Each legend swatch has the colour, width and alpha of what it names on the image."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.patches import Rectangle
+
+    fig = plot_multiscale_scales(inputs, show_windows=True)
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    swatches = dict(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles))
+    drawn = {}
+    for coll in ax.collections:
+        if isinstance(coll, LineCollection):
+            key = (tuple(np.round(coll.get_colors()[0], 4)), float(coll.get_linewidths()[0]))
+            drawn.setdefault(key, coll)
+    for label in ("patch (16 px)", "merged token (32 px)", "attention window (128 px)"):
+        line = swatches[label]
+        rgba = tuple(np.round(matplotlib.colors.to_rgba(line.get_color(), line.get_alpha()), 4))
+        assert (rgba, float(line.get_linewidth())) in drawn, label
+    assert tuple(np.round(matplotlib.colors.to_rgba("white", 0.45), 4)) == (1.0, 1.0, 1.0, 0.45)
+    padding = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_hatch() == "///"]
+    assert padding
+    swatch = swatches["zero padding"]
+    assert swatch.get_hatch() == "///"
+    assert np.allclose(swatch.get_facecolor(), padding[0].get_facecolor())
+    assert np.allclose(swatch.get_edgecolor(), padding[0].get_edgecolor())  # the hatch colour
+    # white lines on a legend background dark enough to show them
+    assert sum(matplotlib.colors.to_rgb(legend.get_frame().get_facecolor())) < 1.5
+    plt.close(fig)
+
+
+def test_token_budget_log_axes_get_more_than_two_labels():
+    from navil_utils.plotting.preprocessing import readable_log_ticks
+
+    fig, ax = plt.subplots()
+    ax.set_yscale("log")
+    ax.set_ylim(700, 2600)
+    assert readable_log_ticks(ax.yaxis) == [800, 1000, 1500, 2000, 2500]  # one decade: finer steps
+    ax.set_ylim(60, 20000)
+    ticks = readable_log_ticks(ax.yaxis)
+    assert ticks == [100, 200, 500, 1000, 2000, 5000, 10000, 20000]
+    assert ax.yaxis.get_major_formatter()(5000, 0) == "5,000"
+    plt.close(fig)

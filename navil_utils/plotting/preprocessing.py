@@ -21,6 +21,45 @@ PREPROCESSING_COLOURS = {
 }
 
 
+#: Line styles of the grids drawn over each scale (and of their legend swatches).
+GRID_STYLES = {
+    "patch": {"color": PREPROCESSING_COLOURS["patch"], "lw": 0.3, "alpha": 0.45},
+    "merged": {"color": PREPROCESSING_COLOURS["merged"], "lw": 0.8, "alpha": 0.8},
+    "window": {"color": PREPROCESSING_COLOURS["window"], "lw": 1.6, "alpha": 1.0},
+}
+#: Style of the zero-padding rectangles (the hatch takes the edge colour; no outline).
+PADDING_STYLE = {"facecolor": PREPROCESSING_COLOURS["padding"], "alpha": 0.6, "hatch": "///",
+                 "edgecolor": "#303030", "linewidth": 0}
+#: Background of the multi-scale legend: dark enough for the white grid lines to show.
+LEGEND_FACE = "#5a5a5a"
+
+
+def _collection_style(kind: str) -> dict:
+    style = GRID_STYLES[kind]
+    return {"colors": style["color"], "linewidths": style["lw"], "alpha": style["alpha"]}
+
+
+def readable_log_ticks(axis, steps=(1, 2, 5), fine_steps=(1, 1.5, 2, 2.5, 3, 4, 5, 6, 8),
+                       min_ticks: int = 4) -> list[float]:
+    """Label a log axis at ``steps × 10^k`` inside its limits, as plain numbers (``500``, ``1,000``).
+
+    matplotlib labels only whole decades, so an axis spanning about one decade shows one or two
+    labels.  If ``steps`` give fewer than ``min_ticks`` labels, ``fine_steps`` are used instead.
+    ``axis`` is ``ax.xaxis`` or ``ax.yaxis``; returns the tick values set.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    lo, hi = sorted(axis.get_view_interval())
+    decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+    ticks = [s * 10.0 ** k for k in decades for s in steps if lo <= s * 10.0 ** k <= hi]
+    if len(ticks) < min_ticks:
+        ticks = [s * 10.0 ** k for k in decades for s in fine_steps if lo <= s * 10.0 ** k <= hi]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+    return ticks
+
+
 def _scale_colours(num_scales: int) -> list:
     """One red shade per scale, light (smallest) → dark (largest)."""
     import matplotlib.pyplot as plt
@@ -101,10 +140,8 @@ def plot_multiscale_scales(inputs, image_index: int = 0, *, fig=None, vision_con
         (h, w), (hp, wp) = scale.resized_hw, scale.padded_hw
         ax.imshow(picture, extent=(x0, x0 + wp, hp, 0), interpolation="nearest")
         if max(scale.grid_thw[1:]) <= max_patch_lines:
-            ax.add_collection(LineCollection(_grid_lines(x0, wp, hp, p), colors=PREPROCESSING_COLOURS["patch"],
-                                             linewidths=0.3, alpha=0.45))
-        ax.add_collection(LineCollection(_grid_lines(x0, wp, hp, p * m), colors=PREPROCESSING_COLOURS["merged"],
-                                         linewidths=0.8, alpha=0.8))
+            ax.add_collection(LineCollection(_grid_lines(x0, wp, hp, p), **_collection_style("patch")))
+        ax.add_collection(LineCollection(_grid_lines(x0, wp, hp, p * m), **_collection_style("merged")))
         if show_windows:
             windows = merged_token_windows(scale.grid_thw[1], scale.grid_thw[2], window_size, m)
             edges = []
@@ -116,11 +153,10 @@ def plot_multiscale_scales(inputs, image_index: int = 0, *, fig=None, vision_con
                         edges.append([(x0 + (c + 1) * unit, r * unit), (x0 + (c + 1) * unit, (r + 1) * unit)])
                     if r + 1 < rows and windows[r, c] != windows[r + 1, c]:
                         edges.append([(x0 + c * unit, (r + 1) * unit), (x0 + (c + 1) * unit, (r + 1) * unit)])
-            ax.add_collection(LineCollection(edges, colors=PREPROCESSING_COLOURS["window"], linewidths=1.6))
+            ax.add_collection(LineCollection(edges, **_collection_style("window")))
         for rect in ((x0 + w, 0, wp - w, hp), (x0, h, w, hp - h)):
             if rect[2] > 0 and rect[3] > 0:
-                ax.add_patch(Rectangle(rect[:2], rect[2], rect[3], facecolor=PREPROCESSING_COLOURS["padding"],
-                                       alpha=0.6, hatch="///", edgecolor="#303030", linewidth=0))
+                ax.add_patch(Rectangle(rect[:2], rect[2], rect[3], **PADDING_STYLE))
         ax.add_patch(Rectangle((x0, 0), wp, hp, fill=False, edgecolor="black", linewidth=0.8))
         ax.text(x0 + wp / 2, -0.02 * tallest, str(scale.scale_index + 1), ha="center", va="bottom", fontsize=9,
                 fontweight="bold")
@@ -137,13 +173,17 @@ def plot_multiscale_scales(inputs, image_index: int = 0, *, fig=None, vision_con
     total = sum(s.visual_tokens for s in scales)
     noun = "scale" if len(scales) == 1 else "scales"
     ax.set_title(title or f"NaViL multi-scale packing: {len(scales)} {noun}, {total} visual tokens")
-    handles = [Line2D([], [], color="0.6", lw=0.6, label=f"patch ({p} px)"),
-               Line2D([], [], color="0.35", lw=1.2, label=f"merged token ({p * m} px)"),
-               Patch(facecolor=PREPROCESSING_COLOURS["padding"], alpha=0.6, hatch="///", label="zero padding")]
+    # The legend swatches use exactly the styles drawn above (white grid lines, hatched grey padding);
+    # its frame is mid-grey so that the white lines show, as they do on the image.
+    handles = [Line2D([], [], **GRID_STYLES["patch"], label=f"patch ({p} px)"),
+               Line2D([], [], **GRID_STYLES["merged"], label=f"merged token ({p * m} px)"),
+               Patch(**PADDING_STYLE, label="zero padding")]
     if show_windows:
-        handles.insert(2, Line2D([], [], color=PREPROCESSING_COLOURS["window"], lw=1.6,
-                                 label=f"attention window ({window_size * p} px)"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False)
+        handles.insert(2, Line2D([], [], **GRID_STYLES["window"], label=f"attention window ({window_size * p} px)"))
+    legend = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=True,
+                       facecolor=LEGEND_FACE, edgecolor="none", framealpha=1.0, handlelength=2.5)
+    for text in legend.get_texts():
+        text.set_color("white")
     ax.annotate("\n".join(lines), xy=(0, 0), xycoords="axes fraction", xytext=(0, -36), textcoords="offset points",
                 va="top", ha="left", fontsize=7.5, family="monospace")
     return fig
@@ -299,6 +339,8 @@ def plot_token_budgets(size_table, aspect_table, *, navil_budget: tuple[int, int
             left.axvline(pixels / 1e6, color="0.5", ls=":", lw=1)
             left.text(pixels / 1e6, height, f"{text} ", rotation=90, va="bottom", ha="right", fontsize=7,
                       color="0.35", transform=left.get_xaxis_transform())
+    for ax in (left, right):  # a decade or less on the y axis: label 1-2-5 steps, not only the decades
+        readable_log_ticks(ax.yaxis)
     left.set_title(f"vs size (aspect W/H = {size_table['aspect'].iloc[0]:.2f})")
     right.set_title(f"vs aspect ratio ({aspect_table['megapixels'].median():.2f} MP)")
     fig.suptitle("Visual-token spend with the papers' settings")
