@@ -55,7 +55,12 @@ test: $(STAMP)
 check-portable: $(STAMP)
 	@PY=$(PY) bash .ci/portability
 
+# JupyterLab reads jupyter/overrides.json from the environment's lab settings directory: no news
+# pop-up and no update check (the workbook runs offline).
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
+
 lab: $(STAMP)
+	@mkdir -p $(LAB_SETTINGS) && cp jupyter/overrides.json $(LAB_SETTINGS)/overrides.json
 	@$(PY) -m jupyter lab --notebook-dir=notebooks
 
 # Reproduce data/models/navil-tiny from scratch: stage 1 (curriculum) then stage 2 (all types,

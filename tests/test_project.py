@@ -213,3 +213,22 @@ def test_nbval_session_writes_figures_to_a_temporary_directory():
     finally:
         module.pytest_unconfigure(None)
     assert os.environ.get(FIGURES_DIR_ENV) == before and not directory.exists()
+
+
+def test_lab_settings_override_silences_news_with_settings_jupyterlab_knows():
+    """`make lab` installs jupyter/overrides.json; every key must be a setting of the installed JupyterLab
+    (an unknown or misspelt key would be ignored silently) with a value its schema allows."""
+    import json
+    import sys
+
+    overrides = json.loads((ROOT / "jupyter" / "overrides.json").read_text())
+    schemas = Path(sys.prefix) / "share" / "jupyter" / "lab" / "schemas"
+    for plugin, values in overrides.items():
+        package, _, name = plugin.partition(":")
+        properties = json.loads((schemas / package / f"{name}.json").read_text())["properties"]
+        for key, value in values.items():
+            schema = properties[key]
+            allowed = [option["const"] for option in schema.get("oneOf", [])]
+            assert value in allowed if allowed else isinstance(value, bool) == (schema["type"] == "boolean"), key
+    assert overrides["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
+    assert "cp jupyter/overrides.json $(LAB_SETTINGS)/overrides.json" in (ROOT / "Makefile").read_text()
