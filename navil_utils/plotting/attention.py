@@ -19,7 +19,7 @@ import numpy as np
 from navil_utils.analysis.attention_maps import ScaleMap, upsample_to_image
 from navil_utils.analysis.attention_report import token_blocks, token_labels
 from navil_utils.errors import ConfigError
-from navil_utils.plotting.style import DPI, PALETTE
+from navil_utils.plotting.style import DPI, PALETTE, mark_zero_groups_and_chance
 
 #: Colours of the attention figures.
 ATTENTION_COLOURS = {
@@ -590,7 +590,6 @@ def plot_blanking(summary, *, chance: Mapping[str, float] | None = None, title: 
     many outside zeroed, overall and per group, with 95% intervals
     (:func:`~navil_utils.analysis.attention_report.blanking_summary`); ``chance`` per group as dashes."""
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     summary = _rounded(summary)
     groups = list(dict.fromkeys(summary["group"]))
@@ -605,16 +604,7 @@ def plot_blanking(summary, *, chance: Mapping[str, float] | None = None, title: 
                color=ATTENTION_COLOURS.get(condition, f"C{k}"),
                yerr=[mean - rows["low"].to_numpy(float), rows["high"].to_numpy(float) - mean], capsize=2,
                error_kw={"lw": 0.8, "ecolor": "0.2"}, label=_CONDITION_LABELS.get(condition, condition))
-    for i, group in enumerate(groups):  # a group whose bars are all at zero
-        if (summary.loc[summary["group"] == group, "accuracy"].fillna(0) == 0).all():
-            ax.text(i, 0.015, "all 0", ha="center", va="bottom", fontsize=8, color="0.3")
-    handles, labels = ax.get_legend_handles_labels()
-    if chance is not None:
-        for i, group in enumerate(groups):
-            if group in chance:
-                ax.hlines(chance[group], i - 0.45, i + 0.45, colors="black", linestyles="--", lw=1.1)
-        handles.append(Line2D([], [], color="black", ls="--", lw=1.1))
-        labels.append("chance (uniform guess)")
+    handles, labels = mark_zero_groups_and_chance(ax, summary, "group", groups, chance, lw=1.1)
     counts = summary.drop_duplicates("group").set_index("group")["n"]
     ax.set_xticks(x, [f"{g}\n(n={int(counts[g])})" for g in groups])
     ax.set_xlabel("question type")

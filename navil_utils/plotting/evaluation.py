@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from navil_utils.errors import ConfigError
-from navil_utils.plotting.style import PALETTE
+from navil_utils.plotting.style import PALETTE, mark_zero_groups_and_chance
 
 #: Bar colours of the three scale settings of the ablation.
 SCALE_SETTING_COLOURS: dict[str, str] = {"all": PALETTE["navil_2b"], "largest": "#ff7f0e", "smallest": "#9467bd"}
@@ -35,7 +35,6 @@ def plot_scale_ablation(frame, chance: Mapping[str, float] | None = None, *, ax=
     ``frame`` is :func:`accuracy_frame` output.  Returns the figure.
     """
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     settings = list(dict.fromkeys(frame["scales"]))
     qtypes = list(dict.fromkeys(frame["qtype"]))
@@ -51,17 +50,8 @@ def plot_scale_ablation(frame, chance: Mapping[str, float] | None = None, *, ax=
         ax.bar(x + offset, rows["accuracy"], width * 0.95, yerr=rows["stderr"], capsize=2,
                color=SCALE_SETTING_COLOURS.get(setting, f"C{k}"), error_kw={"lw": 0.8, "ecolor": "0.25"},
                label=f"{setting} scale{'s' if setting == 'all' else ''}")
-    for i, qtype in enumerate(qtypes):  # mark groups whose bars are all at zero
-        if (frame.loc[frame["qtype"] == qtype, "accuracy"].fillna(0) == 0).all():
-            ax.text(i, 0.015, "all 0", ha="center", va="bottom", fontsize=8, color="0.3")
     ax.grid(axis="x", visible=False)
-    handles, labels = ax.get_legend_handles_labels()
-    if chance is not None:
-        for i, qtype in enumerate(qtypes):
-            if qtype in chance:
-                ax.hlines(chance[qtype], i - 0.45, i + 0.45, colors="black", linestyles="--", lw=1.2)
-        handles.append(Line2D([], [], color="black", ls="--", lw=1.2))
-        labels.append("chance (uniform guess)")
+    handles, labels = mark_zero_groups_and_chance(ax, frame, "qtype", qtypes, chance, lw=1.2)
     n_per_type = frame[frame["scales"] == settings[0]].set_index("qtype")["n"]
     ax.set_xticks(x, [f"{q}\n(n={int(n_per_type[q])})" for q in qtypes])
     ax.set_xlabel("question type")

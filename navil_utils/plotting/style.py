@@ -69,3 +69,22 @@ def save_figure(fig, name: str, directory: str | Path | None = None) -> tuple[Pa
     fig.savefig(png, format="png", metadata={"Software": None})
     fig.savefig(pdf, format="pdf", metadata={"CreationDate": None, "Producer": None, "Creator": None})
     return png, pdf
+
+
+def mark_zero_groups_and_chance(ax, frame, group_column: str, groups, chance=None, *, lw: float = 1.2):
+    """On a grouped bar chart (group ``i`` at x = i): write "all 0" over groups whose ``accuracy`` bars are all
+    zero, draw ``chance[group]`` as a dashed line across each group; return the legend's ``(handles, labels)``
+    with a "chance" entry added when ``chance`` is given."""
+    from matplotlib.lines import Line2D
+
+    for i, group in enumerate(groups):
+        if (frame.loc[frame[group_column] == group, "accuracy"].fillna(0) == 0).all():
+            ax.text(i, 0.015, "all 0", ha="center", va="bottom", fontsize=8, color="0.3")
+    handles, labels = ax.get_legend_handles_labels()
+    if chance is not None:
+        for i, group in enumerate(groups):
+            if group in chance:
+                ax.hlines(chance[group], i - 0.45, i + 0.45, colors="black", linestyles="--", lw=lw)
+        handles.append(Line2D([], [], color="black", ls="--", lw=lw))
+        labels.append("chance (uniform guess)")
+    return handles, labels
