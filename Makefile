@@ -14,12 +14,13 @@ PIP_FLAGS   ?= --disable-pip-version-check --quiet
 # `make CONSTRAINTS= run` lifts the pins.
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: run test unit nbval lab venv clean-venv train-tiny check-portable constraints help
+.PHONY: run test unit nbval lab lab-check venv clean-venv train-tiny check-portable constraints help
 
 help:
 	@echo "make run    - set up .venv if needed, execute every notebook, regenerate figures/"
 	@echo "make test   - set up .venv if needed, unit tests + pytest --nbval over notebooks/"
 	@echo "make lab    - JupyterLab on the project's kernel"
+	@echo "make lab-check - run every notebook through JupyterLab in headless Chromium; screenshots to figures/lab/"
 	@echo "make check-portable - re-run notebooks + nbval under other CPU kernel sets / thread counts (~10 min)"
 	@echo "make train-tiny - reproduce the embedded tiny NaViL from scratch (hours on CPU)"
 
@@ -62,6 +63,15 @@ LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
 lab: $(STAMP)
 	@mkdir -p $(LAB_SETTINGS) && cp jupyter/overrides.json $(LAB_SETTINGS)/overrides.json
 	@$(PY) -m jupyter lab --notebook-dir=notebooks
+
+# Every numbered notebook opened in JupyterLab (headless Chromium via Playwright), Run All from the menu,
+# errors/stderr/missing figures/unrendered or cut-off widgets fail, each control moved once. Needs Debian's
+# `chromium` (or CHROMIUM=/path/to/chrome); Playwright itself is installed on first use.
+LAB_SHOTS ?= figures/lab
+lab-check: $(STAMP)
+	@$(PY) -c "import playwright" 2>/dev/null || \
+	  $(PY) -m pip install $(PIP_FLAGS) $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[lab]"
+	@$(PY) -m navil_utils.workbook.lab_check --shots $(LAB_SHOTS)
 
 # Reproduce data/models/navil-tiny from scratch: stage 1 (curriculum) then stage 2 (all types,
 # text-weighted, lower lr). The shipped weights were trained on one H200 with

@@ -109,11 +109,13 @@ def test_tiles_figure_and_budget_figure():
 
 def test_budget_slider_redraws():
     widget = budget_explorer(make_test_pattern(100, 200), (16, 64), initial=16, min_pixels=12 * 256)
-    slider, picture = widget.children
+    (slider, readout), picture = widget.children[0].children, widget.children[1]
     first = bytes(picture.value)
     assert first.startswith(b"\x89PNG")
+    assert readout.value == "16 patches = 4,096 px" and not slider.readout  # value shown in full, not cut off
     slider.value = 64
     assert bytes(picture.value) != first
+    assert readout.value == "64 patches = 16,384 px"
 
 
 def test_scales_legend_swatches_match_the_drawn_grid_and_padding(inputs):
