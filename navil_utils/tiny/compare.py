@@ -32,7 +32,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,6 +252,83 @@ def run_compare(runs: Sequence[CompareRun], results: str | os.PathLike, *, out_r
                   f"{record['visual_tokens_mean']:.1f} visual tokens/image, {record['train_seconds']:.0f} s",
                   file=sys.stderr, flush=True)
     return [finished[r.run_id] for r in runs if r.run_id in finished]
+
+
+def evaluation_sets(spec: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """The exact questions a comparison spec evaluates on: ``{"all": [...], subset: [...]}`` (synthetic samples)."""
+    from navil_utils.tiny.synthetic import QUESTION_TYPES, SyntheticVQA
+
+    run = expand_spec(dict(spec))[0]
+    seed, n = int(run.eval["seed"]), int(run.eval["n"])
+    main = SyntheticVQA(seed=seed, question_types=QUESTION_TYPES)
+    sets = {"all": [main.sample(i) for i in range(n)]}
+    for name, subset in run.subsets.items():
+        data = SyntheticVQA(seed=seed, **subset.get("data", {}))
+        sets[name] = [data.sample(i) for i in range(int(subset["n"]))]
+    return sets
+
+
+# ---------------------------------------------------------------------------------------------------
+# a compact copy of a run's model for the repository
+#: Files of an exported tiny model other than the weights and config that a shipped copy keeps.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+#: Name of the reference answers written next to a shipped model (re-checked by the tests).
+REFERENCE_ANSWERS = "reference_answers.json"
+
+
+def reference_answers(model_dir: str | os.PathLike, *, seed: int = 1234, n: int = 100,
+                      batch_size: int = 50) -> dict[str, Any]:
+    """Greedy answers of the tiny NVLM-D in ``model_dir`` to the first ``n`` held-out questions of ``seed``,
+    computed in float32 with one thread (bf16 weights are upcast exactly)."""
+    import torch
+
+    from navil_utils.tiny.evaluate import evaluate_model
+    from navil_utils.tiny.nvlm_d import load_tiny_nvlm_d
+    from navil_utils.tiny.synthetic import QUESTION_TYPES, SyntheticVQA
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tokenizer = load_tiny_nvlm_d(model_dir, dtype=torch.float32)
+        data = SyntheticVQA(seed=seed, question_types=QUESTION_TYPES)
+        result = evaluate_model(model, tokenizer, samples=[data.sample(i) for i in range(n)], batch_size=batch_size)
+    finally:
+        torch.set_num_threads(threads)
+    return {"eval_seed": seed, "n": n, "computed_in": "float32, 1 thread",
+            "accuracy": round(sum(r["correct"] for r in result.records) / n, 4),
+            "predictions": [r["prediction"] for r in result.records]}
+
+
+def ship_compact(source: str | os.PathLike, target: str | os.PathLike, *, run_id: str, n_reference: int = 100,
+                 eval_seed: int = 1234) -> dict[str, Any]:
+    """Copy the exported tiny NVLM-D in ``source`` to ``target`` with bf16 weights in the published key layout
+    (``vision_model.* / mlp1.* / language_model.*``), its tokenizer files, and ``reference_answers.json``: the
+    shipped weights' greedy answers to the first ``n_reference`` held-out questions, plus how many of them the
+    float32 original answers the same way; ``run_id`` names the comparison run it comes from.  Returns that
+    reference record."""
+    import shutil
+
+    import torch
+
+    from navil_utils.models.modeling_nvlm_d import save_nvlm_d
+    from navil_utils.tiny.nvlm_d import load_tiny_nvlm_d
+
+    source, target = Path(source), Path(target)
+    model, _ = load_tiny_nvlm_d(source, dtype=torch.float32)
+    model = model.to(torch.bfloat16)
+    model.config.dtype = "bfloat16"
+    save_nvlm_d(model, target, layout="published")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    shipped = {"run_id": run_id, **reference_answers(target, seed=eval_seed, n=n_reference)}
+    original = reference_answers(source, seed=eval_seed, n=n_reference)
+    shipped["float32_original"] = {"accuracy": original["accuracy"],
+                                   "same_answers": sum(a == b for a, b in zip(shipped["predictions"],
+                                                                              original["predictions"]))}
+    (target / REFERENCE_ANSWERS).write_text(json.dumps(shipped, indent=1) + "\n", encoding="utf-8")
+    return shipped
 
 
 PROG = "python -m navil_utils.tiny.compare"
