@@ -130,3 +130,58 @@ def test_figures():
     titles = [ax.get_title(loc="left") for ax in fig.axes]
     assert titles[1] == f"NaViL: {len(scales.scales)} scales, {scales.num_visual_tokens} visual tokens"
     assert titles[2].endswith(f"{4 * tiles.num_tiles} visual tokens")
+
+
+def test_blind_answer_loss_is_the_entropy_of_the_flat_answers():
+    import math
+
+    from navil_utils.tiny.evaluate import blind_answer_nll
+    from navil_utils.tiny.synthetic import SyntheticVQA
+
+    data = SyntheticVQA(seed=0)
+    assert blind_answer_nll(data, "color") == pytest.approx(math.log(6))
+    assert blind_answer_nll(data, "relation") == pytest.approx(math.log(2))
+    assert blind_answer_nll(data, "text", "K7R") == pytest.approx(math.log(3) + 3 * math.log(16))
+
+
+def test_answer_loss_agrees_with_greedy_answers():
+    """If the whole answer has probability > 1/2, every token is the arg-max, so the greedy answer (the chat
+    path's own prompt) must be right: ties the teacher-forced loss to the evaluation's prompts."""
+    import math
+
+    import torch
+
+    from navil_utils.tiny.evaluate import answer_log_loss, evaluate_model, load_eval_model
+    from navil_utils.tiny.synthetic import QUESTION_TYPES, SyntheticVQA
+
+    torch.set_num_threads(1)
+    samples = [SyntheticVQA(seed=1234, question_types=QUESTION_TYPES).sample(i) for i in range(40)]
+    for directory in (ROOT / "data/models/navil-tiny", ROOT / "data/models/nvlm-d-tiny"):
+        model, tokenizer = load_eval_model(directory, dtype=torch.float32)
+        losses = answer_log_loss(model, tokenizer, samples, batch_size=20)
+        greedy = evaluate_model(model, tokenizer, samples=samples, batch_size=20).records
+        assert [r["answer"] for r in losses] == [s.answer for s in samples]
+        confident = [i for i, r in enumerate(losses) if r["nll"] < math.log(2)]
+        assert all(greedy[i]["correct"] for i in confident)
+        if directory.name == "navil-tiny":
+            assert len(confident) >= 10  # the trained model is confident and right on many of them
+
+
+def test_committed_answer_information_is_reproduced_for_the_shipped_models():
+    from navil_utils.analysis.tiles_vs_scales import information_table
+    from navil_utils.tiny.compare import answer_information
+
+    committed = json.loads((ROOT / "data/nvlm_d/answer_information.json").read_text())
+    label = "NVLM-D, seed 1 (16,384 images)"
+    again = answer_information({label: ROOT / "data/models/nvlm-d-tiny"}, json.loads(SPEC.read_text()))
+    expected = [r for r in committed["rows"] if r["model"] == label]
+    assert [(r["qtype"], r["n"]) for r in again] == [(r["qtype"], r["n"]) for r in expected]
+    for new, old in zip(again, expected):
+        assert new["nll"] == pytest.approx(old["nll"], abs=2e-4)
+        assert new["blind_nll"] == old["blind_nll"]
+    table = information_table(committed["rows"])
+    assert table.shape == (5, 3)
+    # the embedded model takes information from the image on colour, count and position; the 16k-image ones do not
+    embedded = {r["qtype"]: r for r in committed["rows"] if r["model"].startswith("navil-tiny")}
+    assert all(embedded[q]["information_nats"] > 3 * embedded[q]["stderr"] for q in ("color", "count", "position"))
+    assert all(r["information_nats"] < 0 for r in committed["rows"] if "16,384" in r["model"])

@@ -122,3 +122,14 @@ def blind_baseline(samples: Iterable[Any]) -> dict[str, float]:
     baseline["overall"] = sum(hits.values()) / sum(totals.values())
     return baseline
 
+
+
+def information_table(rows: Iterable[Mapping[str, Any]], digits: int = 3):
+    """Question types × models: nats of information about the answer taken from the image (image-blind
+    optimal loss − the model's loss), ``mean ± standard error`` over questions; negative = worse than blind."""
+    frame = pd.DataFrame(list(rows))
+    if frame.empty:
+        raise ConfigError("no answer-information rows")
+    frame["value"] = [f"{m:+.{digits}f} ± {s:.{digits}f}" for m, s in zip(frame["information_nats"], frame["stderr"])]
+    table = frame.pivot(index="qtype", columns="model", values="value")
+    return table[list(dict.fromkeys(frame["model"]))].rename_axis(index="question type", columns=None)

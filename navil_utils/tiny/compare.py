@@ -268,6 +268,45 @@ def evaluation_sets(spec: Mapping[str, Any]) -> dict[str, list[Any]]:
     return sets
 
 
+def answer_information(model_dirs: Mapping[str, str | os.PathLike], spec: Mapping[str, Any], *,
+                       batch_size: int = 50) -> list[dict[str, Any]]:
+    """Per model and question type, on the spec's held-out questions: the mean teacher-forced answer loss
+    (:func:`~navil_utils.tiny.evaluate.answer_log_loss`), the image-blind optimum
+    (:func:`~navil_utils.tiny.evaluate.blind_answer_nll`) and their difference — the nats of information about
+    the answer the model takes from the image — with its standard error over questions.  One thread, float32."""
+    import math
+
+    import torch
+
+    from navil_utils.tiny.evaluate import answer_log_loss, blind_answer_nll, load_eval_model
+    from navil_utils.tiny.synthetic import QUESTION_TYPES, SyntheticVQA
+
+    run = expand_spec(dict(spec))[0]
+    data = SyntheticVQA(seed=int(run.eval["seed"]), question_types=QUESTION_TYPES)
+    samples = [data.sample(i) for i in range(int(run.eval["n"]))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for label, directory in model_dirs.items():
+            model, tokenizer = load_eval_model(directory, dtype=torch.float32)
+            by_type: dict[str, list[tuple[float, float]]] = {}
+            for record, sample in zip(answer_log_loss(model, tokenizer, samples, batch_size=batch_size), samples):
+                blind = blind_answer_nll(data, sample.template, sample.answer)
+                by_type.setdefault(record["qtype"], []).append((record["nll"], blind))
+            for qtype, pairs in sorted(by_type.items()):
+                gains = [b - n for n, b in pairs]
+                mean = sum(gains) / len(gains)
+                var = sum((g - mean) ** 2 for g in gains) / max(1, len(gains) - 1)
+                rows.append({"model": label, "qtype": qtype, "n": len(pairs),
+                             "nll": round(sum(n for n, _ in pairs) / len(pairs), 4),
+                             "blind_nll": round(sum(b for _, b in pairs) / len(pairs), 4),
+                             "information_nats": round(mean, 4), "stderr": round(math.sqrt(var / len(gains)), 4)})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------
 # a compact copy of a run's model for the repository
 #: Files of an exported tiny model other than the weights and config that a shipped copy keeps.

@@ -180,6 +180,65 @@ def evaluate_model(model, tokenizer, *, n: int = 1000, seed: int = 1234, scales:
     return EvalResult(records, seed, scales, time.perf_counter() - start)
 
 
+def answer_log_loss(model, tokenizer, samples, *, batch_size: int = 50) -> list[dict[str, Any]]:
+    """Teacher-forced negative log-likelihood (nats) of each sample's whole answer — its tokens and the
+    closing ``<|im_end|>`` — given the image and the question: one record per sample with ``qtype``,
+    ``template``, ``answer_tokens`` and ``nll``.
+
+    More sensitive than exact match early in training: a model that ignores the image can do no better, in
+    expectation, than the entropy of the answer given the question (``ln |answer space|`` on this task's
+    flat answers, see :func:`blind_answer_nll`), so ``blind − nll`` is what the image tells the model.
+    Works for NaViL (its training collator, the model's pixel budget) and the tiny NVLM-D (tiles).
+    """
+    from navil_utils.models.presets import TINY_SYSTEM_MESSAGE
+    from navil_utils.processing.processor import pixel_budget
+    from navil_utils.tiny.data import TiledCollator, TinyCollator
+
+    if not samples:
+        raise ConfigError("samples is empty: there is nothing to evaluate")
+    if is_nvlm_d(model):
+        collator = TiledCollator.from_model_config(model.config, tokenizer)
+    else:
+        budget = pixel_budget(model.config)
+        collator = TinyCollator(tokenizer, min_pixels=budget["min_pixels"], max_pixels=budget["max_pixels"],
+                                system_message=getattr(model.config, "system_message", None) or TINY_SYSTEM_MESSAGE)
+    device = next(model.parameters()).device
+    records = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            batch = collator(list(samples[i:i + batch_size])).to(device)
+            logits = model(**batch.model_inputs()).logits.float()
+            target, qa = batch.labels[:, 1:], batch.answer_qa[:, 1:]
+            token_nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target.clamp(min=0),
+                                                          reduction="none")
+            keep = qa >= 0
+            nll = torch.zeros(len(batch.qas), dtype=torch.float64, device=device)
+            count = torch.zeros(len(batch.qas), dtype=torch.long, device=device)
+            nll.scatter_add_(0, qa[keep], token_nll[keep].double())
+            count.scatter_add_(0, qa[keep], torch.ones_like(qa[keep]))
+            for qa_record, value, tokens in zip(batch.qas, nll.tolist(), count.tolist()):
+                records.append({"qtype": qa_record.qtype, "template": qa_record.template, "answer": qa_record.answer,
+                                "answer_tokens": int(tokens), "nll": float(value)})
+    return records
+
+
+def blind_answer_nll(data: Any, template: str, answer: str | None = None) -> float:
+    """Expected answer loss (nats) of the best image-blind model for one question of ``template``, on a task
+    whose answers are drawn uniformly (this one, by construction): ``ln |answer space|``; for ``text`` the
+    length is uniform in ``text_length_range`` and each glyph uniform, so ``ln(#lengths) + n · ln(#glyphs)``
+    with ``n = len(answer)`` (or the mean length when ``answer`` is not given)."""
+    import math
+
+    from navil_utils.analysis.accuracy import answer_space_size
+
+    if template == "text":
+        lo, hi = data.config.text_length_range
+        length = len(answer) if answer is not None else (lo + hi) / 2
+        return math.log(hi - lo + 1) + length * math.log(len(data.config.text_alphabet))
+    return math.log(answer_space_size(data, template))
+
+
 def is_nvlm_d(model: Any) -> bool:
     """Whether ``model`` (or a config) is an NVLM-D (``model_type == "NVLM_D"``)."""
     from navil_utils.models.configuration_nvlm_d import NVLM_D_MODEL_TYPE
@@ -216,9 +275,10 @@ def _evaluate_nvlm_d(model: Any, tokenizer: Any, samples: list, seed: int, batch
     return EvalResult(records, seed, "all", time.perf_counter() - start, architecture="nvlm_d")
 
 
-def load_eval_model(path: str | Path, device_map: Any = None) -> tuple[Any, Any]:
+def load_eval_model(path: str | Path, device_map: Any = None, dtype: Any = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a checkpoint directory, NaViL or tiny NVLM-D by ``config.json``'s
-    ``model_type`` (NVLM-D through the strict :func:`~navil_utils.models.modeling_nvlm_d.load_nvlm_d`)."""
+    ``model_type`` (NVLM-D through the strict :func:`~navil_utils.models.modeling_nvlm_d.load_nvlm_d`);
+    ``dtype`` (e.g. ``torch.float32`` for bf16 weights) is passed to the loader."""
     from navil_utils.errors import CorruptCheckpointError
     from navil_utils.models.configuration_nvlm_d import NVLM_D_MODEL_TYPE
 
@@ -232,10 +292,11 @@ def load_eval_model(path: str | Path, device_map: Any = None) -> tuple[Any, Any]
     if model_type == NVLM_D_MODEL_TYPE:
         from navil_utils.tiny.nvlm_d import load_tiny_nvlm_d
 
-        return load_tiny_nvlm_d(path, **({"device_map": device_map} if device_map is not None else {}))
+        options = {k: v for k, v in (("device_map", device_map), ("dtype", dtype)) if v is not None}
+        return load_tiny_nvlm_d(path, **options)
     from navil_utils.chatting import load_chat_model
 
-    return load_chat_model(path, device_map=device_map)
+    return load_chat_model(path, device_map=device_map, dtype=dtype)
 
 
 PROG = "python -m navil_utils.evaluate"
