@@ -14,7 +14,7 @@ PIP_FLAGS   ?= --disable-pip-version-check --quiet
 # `make CONSTRAINTS= run` lifts the pins.
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: run test unit nbval lab lab-check venv clean-venv train-tiny check-portable constraints help
+.PHONY: run test unit nbval lab lab-check train-tiny-small-encoder venv clean-venv train-tiny check-portable constraints help
 
 help:
 	@echo "make run    - set up .venv if needed, execute every notebook, regenerate figures/"
@@ -82,6 +82,11 @@ train-tiny: $(STAMP)
 	$(PY) -m navil_utils.train --out runs/navil-tiny/stage1 --config configs/tiny_stage1.json $(TRAIN_ARGS)
 	$(PY) -m navil_utils.train --out runs/navil-tiny/stage2 --config configs/tiny_stage2.json \
 	  --ship data/models/navil-tiny $(TRAIN_ARGS)
+
+# The embedded recipe with an 8x smaller vision encoder (configs/attention/README.md), for chapter 04.
+train-tiny-small-encoder: $(STAMP)
+	$(PY) -m navil_utils.train --out runs/navil-tiny-small-encoder/stage1 --config configs/attention/small_encoder_stage1.json $(TRAIN_ARGS)
+	$(PY) -m navil_utils.train --out runs/navil-tiny-small-encoder/stage2 --config configs/attention/small_encoder_stage2.json $(TRAIN_ARGS)
 
 # Re-pin constraints.txt to what .venv has now (after deliberately upgrading a dependency).
 constraints: $(STAMP)
