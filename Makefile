@@ -23,6 +23,7 @@ help:
 	@echo "make lab-check - run every notebook through JupyterLab in headless Chromium; screenshots to figures/lab/"
 	@echo "make check-portable - re-run notebooks + nbval under other CPU kernel sets / thread counts (~10 min)"
 	@echo "make train-tiny - reproduce the embedded tiny NaViL from scratch (hours on CPU)"
+	@echo "make train-tiny-small-encoder - the same recipe with a 7.4x smaller vision encoder (~2 h on 2 CPU cores)"
 
 venv: $(STAMP)
 

@@ -11,6 +11,13 @@ For each, greedy ``generate`` of ``--new-tokens`` tokens runs with ``use_cache=T
 and the peak memory of the generate call (CUDA: ``max_memory_allocated``; CPU: peak RSS growth, via
 ``/proc/self/clear_refs`` + ``VmHWM``).
 
+Then the roofline (``navil_utils.analysis.roofline``), measured in the same run: the prefill (a 1-token
+generate) against ``FLOPs ÷ matmul throughput`` and a cached decode step (``(t(N) − t(1)) / (N − 1)``) against
+``bytes of text-path weights ÷ memory bandwidth`` (a float32 matrix-vector product streaming 256 MiB); the
+ratio measured / floor says how far from the hardware's limit each is (1.0 = at the limit). The bandwidth a
+bfloat16 matrix-vector product reaches is printed too: a slow bf16 kernel is why bf16 decode need not be
+faster than float32.
+
     python benchmarks/generate_speed.py --threads 1       # CPU, float32
     python benchmarks/generate_speed.py --device cuda --dtype bfloat16
 
@@ -27,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from navil_utils.analysis.roofline import (decode_step_weight_bytes, measure_gemv_bandwidth, measure_matmul_flops,
+                                           prefill_flops)
 from navil_utils.models.configuration_navil import NaViLChatConfig
 from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
 from navil_utils.reference.golden import load_golden_case
@@ -133,6 +142,44 @@ def main() -> None:
                 peak_text = f"{peak:9.1f}" if peak is not None else f"{'n/a':>9}"
                 print(f"{name:8} {params / 1e6:8.2f}M {str(use_cache):>6} {speed:9.1f} {peak_text}", flush=True)
             print(f"{name:8} KV-cache speed-up: {results[True] / results[False]:.2f}x", flush=True)
+        roofline(models, inputs, args.new_tokens, args.repeats, device, dtype)
+
+
+def _seconds(model, inputs, new_tokens: int, repeats: int, device: torch.device) -> float:
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model.generate(**inputs, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def roofline(models: dict, inputs: dict, new_tokens: int, repeats: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Prefill and decode step of each model against the machine's floors, measured in this run."""
+    bandwidth = measure_gemv_bandwidth(torch.float32, device=device)
+    dtype_bandwidth = measure_gemv_bandwidth(dtype, device=device) if dtype != torch.float32 else bandwidth
+    flops = measure_matmul_flops(dtype, device=device)
+    print(f"machine: memory bandwidth {bandwidth / 1e9:.1f} GB/s (float32 matrix-vector), {dtype} matrix-vector "
+          f"{dtype_bandwidth / 1e9:.1f} GB/s, {dtype} matmul {flops / 1e9:.0f} GFLOP/s", flush=True)
+    patches = int(inputs["image_grid_thw"].prod(-1).sum())
+    prompt = int(inputs["input_ids"].shape[1])
+    print(f"{'model':8} {'prefill ms':>10} {'floor':>7} {'ratio':>6} {'decode ms/tok':>13} {'floor':>7} {'ratio':>6} "
+          f"{'MB/step':>8}", flush=True)
+    for name, model in models.items():
+        first = _seconds(model, inputs, 1, repeats + 1, device)
+        longer = _seconds(model, inputs, new_tokens, repeats + 1, device)
+        step = (longer - first) / (new_tokens - 1)
+        weight_bytes = decode_step_weight_bytes(model, dtype)
+        decode_floor = weight_bytes / bandwidth
+        prefill_floor = prefill_flops(model, prompt, patches) / flops
+        print(f"{name:8} {1e3 * first:10.2f} {1e3 * prefill_floor:7.2f} {first / prefill_floor:6.1f} "
+              f"{1e3 * step:13.3f} {1e3 * decode_floor:7.3f} {step / decode_floor:6.1f} {weight_bytes / 1e6:8.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":

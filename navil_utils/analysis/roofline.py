@@ -1,0 +1,104 @@
+"""Rooflines for generation: how fast could a decode step be on this machine, and how close do we get?
+
+A greedy decode step of one text token must read every weight on the text path of the decoder once — each
+layer's attention and MLP *text* experts (a text token never touches the visual twins ``*_ve``), the norms and
+the LM head — plus one row of the embedding table. At batch 1 that is a chain of matrix-vector products, so
+its floor is ``bytes read ÷ memory bandwidth``. The prefill is matrix-matrix work: its floor is
+``FLOPs ÷ matmul throughput``. Both machine numbers are measured here, in the same process as the timing
+they are compared with (``benchmarks/generate_speed.py``).
+
+    floor_s = decode_step_weight_bytes(model) / measure_gemv_bandwidth(torch.float32)
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+#: Name fragments of the decoder's input embedding tables (only one row is read per token).
+EMBEDDING_NAMES = ("tok_embeddings", "embed_tokens")
+
+
+def _is_visual_expert(name: str) -> bool:
+    return any(part.endswith("_ve") for part in name.split("."))
+
+
+def decode_step_weights(model: Any) -> dict[str, int]:
+    """Elements read per decode step of one text token, by kind: ``layers`` (text experts, norms),
+    ``lm_head`` (output projection and final norm), ``embedding_row``. Parameters shared between modules
+    (tied embeddings) are counted once; the visual experts and the vision tower are not read."""
+    language = model.language_model if hasattr(model, "language_model") else model
+    seen: set[int] = set()
+    counts = {"layers": 0, "lm_head": 0, "embedding_row": 0}
+    for name, parameter in language.named_parameters():
+        if parameter.data_ptr() in seen or _is_visual_expert(name):
+            continue
+        seen.add(parameter.data_ptr())
+        if any(part in name for part in EMBEDDING_NAMES):
+            counts["embedding_row"] += parameter.shape[-1]
+        elif ".layers." in name:
+            counts["layers"] += parameter.numel()
+        else:
+            counts["lm_head"] += parameter.numel()
+    tied = getattr(language, "get_output_embeddings", lambda: None)()
+    if tied is not None and tied.weight.data_ptr() in {p.data_ptr() for n, p in language.named_parameters()
+                                                        if any(e in n for e in EMBEDDING_NAMES)}:
+        counts["lm_head"] += tied.weight.numel()  # tied head: the whole table is read by the output projection
+    return counts
+
+
+def decode_step_weight_bytes(model: Any, dtype: torch.dtype | None = None) -> int:
+    """Bytes of weights one decode step reads (:func:`decode_step_weights` × the element size of ``dtype``,
+    default: the model's parameter dtype)."""
+    dtype = dtype or next(model.parameters()).dtype
+    return sum(decode_step_weights(model).values()) * torch.empty((), dtype=dtype).element_size()
+
+
+def measure_gemv_bandwidth(dtype: torch.dtype = torch.float32, *, mib: int = 256, repeats: int = 7,
+                           device: str | torch.device = "cpu") -> float:
+    """Bytes per second a matrix-vector product streams from memory (best of ``repeats``), with a matrix of
+    ``mib`` MiB — larger than the caches, like a decoder's weights. The decode floor uses this number."""
+    element = torch.empty((), dtype=dtype).element_size()
+    columns = 4096
+    rows = max(1, mib * 2**20 // (element * columns))
+    matrix = torch.randn(rows, columns, dtype=torch.float32).to(device=device, dtype=dtype)
+    vector = torch.randn(columns, dtype=torch.float32).to(device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mv(matrix, vector)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return rows * columns * element / best
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, *, size: int = 1024, repeats: int = 5,
+                         device: str | torch.device = "cpu") -> float:
+    """Floating-point operations per second of a square ``size`` matmul (best of ``repeats``)."""
+    a = torch.randn(size, size).to(device=device, dtype=dtype)
+    b = torch.randn(size, size).to(device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def prefill_flops(model: Any, prompt_tokens: int, vit_patches: int) -> float:
+    """Approximate FLOPs of a prompt pass: 2 × (decoder layer weights a token passes) × prompt tokens — text
+    and visual experts have the same shapes, so every token passes as many (InternLM2-VE's visual tokens also
+    pass ``wo``: a few percent more) — plus 2 × ViT weights × patches and the LM head at the last position.
+    Attention score terms (quadratic in length; small next to the weights for a few hundred tokens) are left out."""
+    weights = decode_step_weights(model)
+    vit = sum(p.numel() for p in model.vision_model.parameters()) if hasattr(model, "vision_model") else 0
+    return 2.0 * (weights["layers"] * prompt_tokens + vit * vit_patches + weights["lm_head"])
+
+
+def _sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
