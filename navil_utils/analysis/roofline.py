@@ -64,14 +64,7 @@ def measure_gemv_bandwidth(dtype: torch.dtype = torch.float32, *, mib: int = 256
     rows = max(1, mib * 2**20 // (element * columns))
     matrix = torch.randn(rows, columns, dtype=torch.float32).to(device=device, dtype=dtype)
     vector = torch.randn(columns, dtype=torch.float32).to(device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mv(matrix, vector)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return rows * columns * element / best
+    return rows * columns * element / _best_seconds(lambda: torch.mv(matrix, vector), repeats, device)
 
 
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, *, size: int = 1024, repeats: int = 5,
@@ -79,14 +72,7 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, *, size: int = 1024
     """Floating-point operations per second of a square ``size`` matmul (best of ``repeats``)."""
     a = torch.randn(size, size).to(device=device, dtype=dtype)
     b = torch.randn(size, size).to(device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), repeats, device)
 
 
 def prefill_flops(model: Any, prompt_tokens: int, vit_patches: int) -> float:
@@ -97,6 +83,19 @@ def prefill_flops(model: Any, prompt_tokens: int, vit_patches: int) -> float:
     weights = decode_step_weights(model)
     vit = sum(p.numel() for p in model.vision_model.parameters()) if hasattr(model, "vision_model") else 0
     return 2.0 * (weights["layers"] * prompt_tokens + vit * vit_patches + weights["lm_head"])
+
+
+def _best_seconds(operation, repeats: int, device: str | torch.device) -> float:
+    """Shortest wall time of ``operation()`` over ``repeats`` runs after one warm-up."""
+    best = float("inf")
+    for run in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        operation()
+        _sync(device)
+        if run:
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _sync(device: str | torch.device) -> None:
