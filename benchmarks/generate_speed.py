@@ -1,10 +1,11 @@
 """Greedy generation speed of the native NaViL model: KV cache vs no cache, plus peak memory.
 
-Two models, both fed the golden fixture's image prompt (3-scale image, 29 visual tokens, 166 tokens):
+Four models, for each LLM backbone (InternLM2-VE as in NaViL-2B, Qwen3-VE as in NaViL-9B) fed that
+backbone's golden fixture image prompt (a 3-scale image):
 
-* ``fixture``: the tiny Qwen3-VE golden checkpoint (≈0.43 M parameters);
-* ``mid``: a randomly initialised mid-sized NaViL (ViT 256×4, Qwen3-VE 512×6 with GQA 8/4, vocab 32k;
-  ≈72 M params).
+* ``<backbone>/fixture``: the tiny golden checkpoint (≈0.4 M parameters);
+* ``<backbone>/mid``: a randomly initialised mid-sized NaViL of that backbone (ViT 256×4, LLM 512×6 with GQA
+  8/4, vocab 32k; ≈70 M params).
 
 For each, greedy ``generate`` of ``--new-tokens`` tokens runs with ``use_cache=True`` and ``False``
 (``--repeats`` timed runs after one warm-up) and reports new tokens/s, the cached/uncached speed ratio
@@ -84,15 +85,23 @@ class PeakMemory:
             self.mib = None if peak is None or self.start is None else (peak - self.start) / 1024
 
 
-def build_models(device: torch.device, dtype: torch.dtype):
-    case = load_golden_case("qwen3_ve")
-    fixture = case.model.to(device=device, dtype=dtype).eval()
-    data = copy.deepcopy(case.model.config.to_dict())
-    data["vision_config"].update(MID_VISION)
-    data["llm_config"].update(MID_LLM)
-    torch.manual_seed(0)
-    mid = NaViLForConditionalGeneration(NaViLChatConfig.from_dict(data)).to(device=device, dtype=dtype).eval()
-    return case, {"fixture": fixture, "mid": mid}
+def build_models(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[torch.nn.Module, dict]]:
+    """``name → (model, inputs)``: each backbone's golden fixture model and a mid-sized random model of the same
+    backbone, with that fixture's image prompt."""
+    models = {}
+    for backbone in ("internlm2_ve", "qwen3_ve"):
+        case = load_golden_case(backbone)
+        inputs = {k: v.to(device) for k, v in case.image_inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        models[f"{backbone}/fixture"] = (case.model.to(device=device, dtype=dtype).eval(), inputs)
+        data = copy.deepcopy(case.model.config.to_dict())
+        data["vision_config"].update(MID_VISION)
+        # InternLM2's config derives head_dim (hidden / heads = 64 here as well)
+        data["llm_config"].update({k: v for k, v in MID_LLM.items() if k != "head_dim" or k in data["llm_config"]})
+        torch.manual_seed(0)
+        mid = NaViLForConditionalGeneration(NaViLChatConfig.from_dict(data)).to(device=device, dtype=dtype).eval()
+        models[f"{backbone}/mid"] = (mid, inputs)
+    return models
 
 
 def time_generation(model, inputs, new_tokens: int, use_cache: bool, repeats: int) -> tuple[float, float | None]:
@@ -126,23 +135,23 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
-    case, models = build_models(device, dtype)
-    inputs = {k: v.to(device) for k, v in case.image_inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} prompt={inputs['input_ids'].shape[1]} "
-          f"tokens (29 visual) new_tokens={args.new_tokens} repeats={args.repeats}")
-    print(f"{'model':8} {'params':>9} {'cache':>6} {'tok/s':>9} {'peak MiB':>9}", flush=True)
+    models = build_models(device, dtype)
+    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} new_tokens={args.new_tokens} "
+          f"repeats={args.repeats}; prompts: the golden fixtures' image prompts "
+          + ", ".join(f"{name.split('/')[0]} {inputs['input_ids'].shape[1]} tokens"
+                      for name, (_, inputs) in models.items() if name.endswith("fixture")))
+    print(f"{'model':22} {'params':>9} {'cache':>6} {'tok/s':>9} {'peak MiB':>9}", flush=True)
     with torch.inference_mode():
-        for name, model in models.items():
+        for name, (model, inputs) in models.items():
             params = sum(p.numel() for p in model.parameters())
             results = {}
             for use_cache in (True, False):
                 speed, peak = time_generation(model, inputs, args.new_tokens, use_cache, args.repeats)
                 results[use_cache] = speed
                 peak_text = f"{peak:9.1f}" if peak is not None else f"{'n/a':>9}"
-                print(f"{name:8} {params / 1e6:8.2f}M {str(use_cache):>6} {speed:9.1f} {peak_text}", flush=True)
-            print(f"{name:8} KV-cache speed-up: {results[True] / results[False]:.2f}x", flush=True)
-        roofline(models, inputs, args.new_tokens, args.repeats, device, dtype)
+                print(f"{name:22} {params / 1e6:8.2f}M {str(use_cache):>6} {speed:9.1f} {peak_text}", flush=True)
+            print(f"{name:22} KV-cache speed-up: {results[True] / results[False]:.2f}x", flush=True)
+        roofline(models, args.new_tokens, args.repeats, device, dtype)
 
 
 def _seconds(model, inputs, new_tokens: int, repeats: int, device: torch.device) -> float:
@@ -159,25 +168,25 @@ def _seconds(model, inputs, new_tokens: int, repeats: int, device: torch.device)
     return min(times)
 
 
-def roofline(models: dict, inputs: dict, new_tokens: int, repeats: int, device: torch.device, dtype: torch.dtype) -> None:
+def roofline(models: dict, new_tokens: int, repeats: int, device: torch.device, dtype: torch.dtype) -> None:
     """Prefill and decode step of each model against the machine's floors, measured in this run."""
     bandwidth = measure_gemv_bandwidth(torch.float32, device=device)
     dtype_bandwidth = measure_gemv_bandwidth(dtype, device=device) if dtype != torch.float32 else bandwidth
     flops = measure_matmul_flops(dtype, device=device)
     print(f"machine: memory bandwidth {bandwidth / 1e9:.1f} GB/s (float32 matrix-vector), {dtype} matrix-vector "
           f"{dtype_bandwidth / 1e9:.1f} GB/s, {dtype} matmul {flops / 1e9:.0f} GFLOP/s", flush=True)
-    patches = int(inputs["image_grid_thw"].prod(-1).sum())
-    prompt = int(inputs["input_ids"].shape[1])
-    print(f"{'model':8} {'prefill ms':>10} {'floor':>7} {'ratio':>6} {'decode ms/tok':>13} {'floor':>7} {'ratio':>6} "
+    print(f"{'model':22} {'prefill ms':>10} {'floor':>7} {'ratio':>6} {'decode ms/tok':>13} {'floor':>7} {'ratio':>6} "
           f"{'MB/step':>8}", flush=True)
-    for name, model in models.items():
+    for name, (model, inputs) in models.items():
+        patches = int(inputs["image_grid_thw"].prod(-1).sum())
+        prompt = int(inputs["input_ids"].shape[1])
         first = _seconds(model, inputs, 1, repeats + 1, device)
         longer = _seconds(model, inputs, new_tokens, repeats + 1, device)
         step = (longer - first) / (new_tokens - 1)
         weight_bytes = decode_step_weight_bytes(model, dtype)
         decode_floor = weight_bytes / bandwidth
         prefill_floor = prefill_flops(model, prompt, patches) / flops
-        print(f"{name:8} {1e3 * first:10.2f} {1e3 * prefill_floor:7.2f} {first / prefill_floor:6.1f} "
+        print(f"{name:22} {1e3 * first:10.2f} {1e3 * prefill_floor:7.2f} {first / prefill_floor:6.1f} "
               f"{1e3 * step:13.3f} {1e3 * decode_floor:7.3f} {step / decode_floor:6.1f} {weight_bytes / 1e6:8.2f}",
               flush=True)
 

@@ -65,6 +65,7 @@ class NotebookReport:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     controls_moved: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     screenshot: str | None = None
 
     @property
@@ -281,6 +282,30 @@ def _run_all_from_menu(page) -> None:
     page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
 
 
+def _started(page) -> bool:
+    """Whether any code cell is running or has run."""
+    return any(c["prompt"] == "[*]:" or re.fullmatch(r"\[\d+\]:", c["prompt"]) for c in _cells(page))
+
+
+def _dialog_text(page) -> str:
+    dialog = page.locator(".jp-Dialog")
+    return " ".join(dialog.first.inner_text().split()) if dialog.count() else ""
+
+
+def run_all_cells(page, attempts: int = 3, wait: float = 20) -> int:
+    """*Run ▸ Run All Cells*; a click that started nothing (menu still closing, notebook not yet focused) is
+    repeated up to ``attempts`` times. Returns the number of clicks it took, 0 if no cell started."""
+    for attempt in range(1, attempts + 1):
+        page.keyboard.press("Escape")  # close a menu left open by an earlier attempt
+        _run_all_from_menu(page)
+        try:
+            _wait(lambda: _started(page), wait, "a cell to start")
+            return attempt
+        except TimeoutError:
+            continue
+    return 0
+
+
 def _wait_for_run(page, n_cells: int, cell_timeout: float, report: NotebookReport) -> None:
     """Poll the input prompts until every code cell ran or the kernel went idle; enforce the cell timeout."""
     started = last_change = time.monotonic()
@@ -294,7 +319,7 @@ def _wait_for_run(page, n_cells: int, cell_timeout: float, report: NotebookRepor
             done_before, last_change = done, time.monotonic()
         if done == n_cells and not running and _kernel_idle(page):
             return
-        if not running and done > 0 and _kernel_idle(page) and time.monotonic() - last_change > 5:
+        if not running and _kernel_idle(page) and time.monotonic() - last_change > 10:
             stuck = [i for i, p in enumerate(prompts) if not re.fullmatch(r"\[\d+\]:", p)]
             report.problems.append(f"run stopped before code cell {stuck[0]} (an earlier cell failed?)")
             return
@@ -364,7 +389,13 @@ def check_notebook(page, server: JupyterLabServer, path: Path, committed: Path, 
     except TimeoutError as error:
         report.problems.append(str(error))
         return report
-    _run_all_from_menu(page)
+    clicks = run_all_cells(page)
+    if clicks > 1:
+        report.notes.append(f"Run All took {clicks} clicks")
+    if not clicks:
+        dialog = _dialog_text(page)
+        report.problems.append("Run ▸ Run All Cells started no cell (3 attempts)" + (f"; dialog: {dialog!r}" if dialog else ""))
+        return report
     _wait_for_run(page, expected.code_cells, cell_timeout, report)
     report.seconds = time.monotonic() - started
     if NEWS_PROMPT in page.inner_text("body"):
@@ -447,7 +478,8 @@ def run_lab_check(notebooks: list[Path], *, chromium: str, shots: Path | None, c
 def _print_report(report: NotebookReport) -> None:
     status = "ok" if report.ok else "FAIL"
     moved = f"; controls moved: {', '.join(report.controls_moved)}" if report.controls_moved else ""
-    print(f"{status:4} {report.name} ({report.seconds:.0f} s){moved}", flush=True)
+    notes = f" [{'; '.join(report.notes)}]" if report.notes else ""
+    print(f"{status:4} {report.name} ({report.seconds:.0f} s){moved}{notes}", flush=True)
     for problem in report.problems:
         print(f"     - {problem}", flush=True)
 
