@@ -123,7 +123,6 @@ def blind_baseline(samples: Iterable[Any]) -> dict[str, float]:
     return baseline
 
 
-
 def information_table(rows: Iterable[Mapping[str, Any]], digits: int = 3):
     """Question types × models: nats of information about the answer taken from the image (image-blind
     optimal loss − the model's loss), ``mean ± standard error`` over questions; negative = worse than blind."""

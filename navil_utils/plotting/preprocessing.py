@@ -365,7 +365,8 @@ def budget_explorer(image, budgets_patches=(64, 256, 1024, 4096, 24576), *, init
 
     from navil_utils.processing.multiscale import preprocess_multiscale
 
-    options = [(f"{n} patches = {n * patch_size**2:,} px", n) for n in budgets_patches]
+    labels = {n: f"{n} patches = {n * patch_size**2:,} px" for n in budgets_patches}
+    options = [(label, n) for n, label in labels.items()]
     # The slider's own read-out has a fixed width that cuts "1024 patches = 262,144 px" short: show the
     # value in a label of its own instead.
     slider = widgets.SelectionSlider(options=options, value=initial or budgets_patches[len(budgets_patches) // 2],
@@ -375,7 +376,7 @@ def budget_explorer(image, budgets_patches=(64, 256, 1024, 4096, 24576), *, init
     picture = widgets.Image(format="png")
 
     def redraw(change=None) -> None:
-        readout.value = dict((value, label) for label, value in options)[slider.value]
+        readout.value = labels[slider.value]
         budget = slider.value * patch_size**2
         inputs = preprocess_multiscale(image, min_pixels=min(min_pixels, budget), max_pixels=budget)
         fig = plot_multiscale_scales(inputs)

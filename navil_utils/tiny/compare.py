@@ -26,6 +26,7 @@ and a free-text ``comment`` (ignored).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -163,33 +164,45 @@ def _evaluation(model: Any, tokenizer: Any, samples: list, seed: int, batch_size
             "per_type": {k: round(v, 4) for k, v in result.per_type.items()}, **result.cost()}
 
 
-def evaluate_run(run: CompareRun, model_dir: str | os.PathLike) -> dict[str, Any]:
-    """Evaluate an exported checkpoint on the run's held-out questions and on each subset."""
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    """Run the enclosed block with ``count`` torch threads, then restore the previous setting."""
     import torch
 
-    from navil_utils.tiny.evaluate import load_eval_model
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _evaluation_sets(run: CompareRun, subsets: bool = True) -> dict[str, list[Any]]:
+    """The run's held-out questions (``"all"``) and (``subsets``) each stress subset's, as synthetic samples."""
     from navil_utils.tiny.synthetic import QUESTION_TYPES, SyntheticVQA
 
-    spec = run.eval
-    seed, n, batch_size = int(spec["seed"]), int(spec["n"]), int(spec["batch_size"])
+    seed, n = int(run.eval["seed"]), int(run.eval["n"])
+    main = SyntheticVQA(seed=seed, question_types=QUESTION_TYPES)
+    sets = {"all": [main.sample(i) for i in range(n)]}
+    for name, subset in (run.subsets.items() if subsets else ()):
+        data = SyntheticVQA(seed=seed, **subset.get("data", {}))
+        sets[name] = [data.sample(i) for i in range(int(subset["n"]))]
+    return sets
+
+
+def evaluate_run(run: CompareRun, model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Evaluate an exported checkpoint on the run's held-out questions and on each subset."""
+    from navil_utils.tiny.evaluate import load_eval_model
+
+    seed, batch_size = int(run.eval["seed"]), int(run.eval["batch_size"])
     if seed == run.train.get("data_seed", 1):
         raise ConfigError(f"the evaluation seed {seed} is the training data seed")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(run.threads)
-    try:
+    with _torch_threads(run.threads):
         model, tokenizer = load_eval_model(model_dir)
         model.eval()
-        main_data = SyntheticVQA(seed=seed, question_types=QUESTION_TYPES)
-        result = {"eval": _evaluation(model, tokenizer, [main_data.sample(i) for i in range(n)], seed, batch_size)}
-        subsets = {}
-        for name, subset in run.subsets.items():
-            data = SyntheticVQA(seed=seed, **subset.get("data", {}))
-            samples = [data.sample(i) for i in range(int(subset["n"]))]
-            subsets[name] = _evaluation(model, tokenizer, samples, seed, batch_size)
-        result["subsets"] = subsets
-    finally:
-        torch.set_num_threads(threads)
-    return result
+        evaluated = {name: _evaluation(model, tokenizer, samples, seed, batch_size)
+                     for name, samples in _evaluation_sets(run).items()}
+    return {"eval": evaluated.pop("all"), "subsets": evaluated}
 
 
 def execute_run(run: CompareRun, out_root: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
@@ -256,16 +269,7 @@ def run_compare(runs: Sequence[CompareRun], results: str | os.PathLike, *, out_r
 
 def evaluation_sets(spec: Mapping[str, Any]) -> dict[str, list[Any]]:
     """The exact questions a comparison spec evaluates on: ``{"all": [...], subset: [...]}`` (synthetic samples)."""
-    from navil_utils.tiny.synthetic import QUESTION_TYPES, SyntheticVQA
-
-    run = expand_spec(dict(spec))[0]
-    seed, n = int(run.eval["seed"]), int(run.eval["n"])
-    main = SyntheticVQA(seed=seed, question_types=QUESTION_TYPES)
-    sets = {"all": [main.sample(i) for i in range(n)]}
-    for name, subset in run.subsets.items():
-        data = SyntheticVQA(seed=seed, **subset.get("data", {}))
-        sets[name] = [data.sample(i) for i in range(int(subset["n"]))]
-    return sets
+    return _evaluation_sets(expand_spec(dict(spec))[0])
 
 
 def answer_information(model_dirs: Mapping[str, str | os.PathLike], spec: Mapping[str, Any], *,
@@ -282,12 +286,10 @@ def answer_information(model_dirs: Mapping[str, str | os.PathLike], spec: Mappin
     from navil_utils.tiny.synthetic import QUESTION_TYPES, SyntheticVQA
 
     run = expand_spec(dict(spec))[0]
-    data = SyntheticVQA(seed=int(run.eval["seed"]), question_types=QUESTION_TYPES)
-    samples = [data.sample(i) for i in range(int(run.eval["n"]))]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    samples = _evaluation_sets(run, subsets=False)["all"]
+    data = SyntheticVQA(seed=int(run.eval["seed"]), question_types=QUESTION_TYPES)  # its answer spaces
     rows = []
-    try:
+    with _torch_threads(1):
         for label, directory in model_dirs.items():
             model, tokenizer = load_eval_model(directory, dtype=torch.float32)
             by_type: dict[str, list[tuple[float, float]]] = {}
@@ -302,8 +304,6 @@ def answer_information(model_dirs: Mapping[str, str | os.PathLike], spec: Mappin
                              "nll": round(sum(n for n, _ in pairs) / len(pairs), 4),
                              "blind_nll": round(sum(b for _, b in pairs) / len(pairs), 4),
                              "information_nats": round(mean, 4), "stderr": round(math.sqrt(var / len(gains)), 4)})
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 
@@ -326,14 +326,10 @@ def reference_answers(model_dir: str | os.PathLike, *, seed: int = 1234, n: int 
     from navil_utils.tiny.nvlm_d import load_tiny_nvlm_d
     from navil_utils.tiny.synthetic import QUESTION_TYPES, SyntheticVQA
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _torch_threads(1):
         model, tokenizer = load_tiny_nvlm_d(model_dir, dtype=torch.float32)
         data = SyntheticVQA(seed=seed, question_types=QUESTION_TYPES)
         result = evaluate_model(model, tokenizer, samples=[data.sample(i) for i in range(n)], batch_size=batch_size)
-    finally:
-        torch.set_num_threads(threads)
     return {"eval_seed": seed, "n": n, "computed_in": "float32, 1 thread",
             "accuracy": round(sum(r["correct"] for r in result.records) / n, 4),
             "predictions": [r["prediction"] for r in result.records]}

@@ -44,6 +44,8 @@ CHAPTER_PATTERN = re.compile(r"^\d\d_.+\.ipynb$")
 #: The page text of JupyterLab's "receive official Jupyter news?" notification.
 NEWS_PROMPT = "Jupyter news"
 PROG = "python -m navil_utils.workbook.lab_check"
+#: The code cells of the notebook in the visible tab.
+CODE_CELLS = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell"
 
 
 class LabCheckError(NaViLError):
@@ -232,7 +234,7 @@ class JupyterLabServer:
 #: Per code cell: its input prompt text ("[ ]:", "[*]:", "[3]:"), whether its outputs hold an image,
 #: a rendered widget, a widget that failed to render, and any control whose text is cut off.
 _CELL_STATE_JS = """
-() => Array.from(document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell'))
+(selector) => Array.from(document.querySelectorAll(selector))
   .map((cell) => {
     const prompt = cell.querySelector('.jp-InputArea-prompt');
     const outputs = cell.querySelector('.jp-OutputArea');
@@ -257,7 +259,7 @@ _CELL_STATE_JS = """
 
 
 def _cells(page) -> list[dict]:
-    return page.evaluate(_CELL_STATE_JS)
+    return page.evaluate(_CELL_STATE_JS, CODE_CELLS)
 
 
 def _kernel_idle(page) -> bool:
@@ -333,15 +335,15 @@ def _wait_for_run(page, n_cells: int, cell_timeout: float, report: NotebookRepor
 
 
 def _widget_image_sources(page, cell_index: int) -> list[str]:
-    return page.evaluate("""(i) => {
-      const cell = document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell')[i];
+    return page.evaluate("""([selector, i]) => {
+      const cell = document.querySelectorAll(selector)[i];
       return Array.from(cell.querySelectorAll('.jp-OutputArea .jupyter-widgets img')).map((img) => img.src); }""",
-                         cell_index)
+                         [CODE_CELLS, cell_index])
 
 
 def _move_controls(page, cell_index: int, report: NotebookReport, timeout: float) -> None:
     """Change every dropdown and slider of the widget in code cell ``cell_index`` once; its figure must change."""
-    cell = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell").nth(cell_index)
+    cell = page.locator(CODE_CELLS).nth(cell_index)
     selects = cell.locator(".jp-OutputArea .widget-dropdown select")
     sliders = cell.locator(".jp-OutputArea .widget-slider .noUi-handle")
     controls = [("dropdown", selects.nth(k)) for k in range(selects.count())]
@@ -429,8 +431,7 @@ def check_notebook(page, server: JupyterLabServer, path: Path, committed: Path, 
 
 def _screenshot(page, cell_index: int, target: Path) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
-    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell").nth(cell_index) \
-        .scroll_into_view_if_needed()
+    page.locator(CODE_CELLS).nth(cell_index).scroll_into_view_if_needed()
     page.mouse.move(0, 0)  # no hover highlights in the picture
     page.screenshot(path=str(target))
     return str(target)
