@@ -167,3 +167,27 @@ def test_request_memory_for_a_1920x1080_image():
     assert table.loc["NVLM-D-72B", "KV at end (GiB)"] == round(nvlm.kv_final / GiB, 3) == 0.473
     assert table.loc["NVLM-D-72B", "peak stage"] == "LLM" and table.loc["NaViL-9B", "peak stage"] == "ViT"
     assert (table["prompt tokens"] == [1039, 4560, 4560]).all()
+
+
+def test_decode_roofline_of_nvlm_d_72b_and_its_figure():
+    from navil_utils.analysis.roofline import GPU_BANDWIDTH, decode_roofline_table, decode_step_weights
+    from navil_utils.models.configuration_nvlm_d import nvlm_d_72b_config
+    from navil_utils.models.modeling_nvlm_d import build_empty_nvlm_d
+    from navil_utils.plotting.planning import plot_decode_roofline
+
+    config = nvlm_d_72b_config()
+    model = build_empty_nvlm_d(config, torch.bfloat16)
+    llm = config.llm_config
+    h, i, kv = llm.hidden_size, llm.intermediate_size, llm.num_key_value_heads * (llm.hidden_size // llm.num_attention_heads)
+    layer = h * h + 2 * h * kv + (h + 2 * kv) + h * h + 3 * h * i + 2 * h   # q,k,v (+ biases), o, MLP, two norms
+    weights = decode_step_weights(model)
+    assert weights["layers"] == llm.num_hidden_layers * layer                # the whole dense decoder is read
+    assert weights["lm_head"] == llm.vocab_size * h + h
+    table = decode_roofline_table({"NVLM-D-72B": model}, (1, 2, 8), gpu="H200")
+    bound = GPU_BANDWIDTH["H200"] / (2 * sum(weights.values()))
+    assert table["tokens/s (bound)"].tolist() == pytest.approx([bound, bound, bound, 2 * bound, bound, 8 * bound])
+    ax = plot_decode_roofline(table, gpu_memory_gib=80)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"NVLM-D-72B, tensor parallel", "NVLM-D-72B, layers per GPU"}
+    assert list(lines["NVLM-D-72B, tensor parallel"].get_xdata()) == [2, 8]     # 143 GB do not fit one 80 GiB GPU
+    assert ax.get_ylabel() and ax.get_xlabel() == "GPUs"

@@ -40,3 +40,50 @@ def test_machine_measurements_are_positive_and_finite():
     bandwidth = measure_gemv_bandwidth(torch.float32, mib=16, repeats=2)
     flops = measure_matmul_flops(torch.float32, size=256, repeats=2)
     assert 1e8 < bandwidth < 1e13 and 1e8 < flops < 1e15
+
+
+def test_decode_roofline_of_layer_and_tensor_parallel_plans():
+    from navil_utils.analysis.roofline import decode_roofline
+
+    assert decode_roofline(2e9, 4e12) == pytest.approx(2000.0)
+    assert decode_roofline(2e9, 4e12, 8, "layers") == pytest.approx(2000.0)     # GPUs take turns
+    assert decode_roofline(2e9, 4e12, 8, "tensor") == pytest.approx(16000.0)
+    with pytest.raises(ValueError, match="parallelism"):
+        decode_roofline(2e9, 4e12, 2, "pipeline")
+    with pytest.raises(ValueError, match="num_gpus"):
+        decode_roofline(2e9, 4e12, 0)
+
+
+@pytest.mark.parametrize("name", ["internlm2_ve", "qwen3_ve"])
+def test_decode_weights_of_a_meta_device_model_equal_the_real_ones(name):
+    from navil_utils.models.common import build_on_meta
+    from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
+
+    model = load_golden_case(name).model
+    empty = build_on_meta(NaViLForConditionalGeneration, model.config)
+    assert next(empty.parameters()).device.type == "meta"
+    assert decode_step_weights(empty) == decode_step_weights(model)
+
+
+def test_decode_roofline_table_of_navil_2b_from_its_config():
+    from navil_utils.analysis.nvlm_planning import kv_cache_bytes
+    from navil_utils.analysis.roofline import GPU_BANDWIDTH, decode_roofline_table
+    from navil_utils.models.presets import build_empty_model, navil_2b_config
+
+    config = navil_2b_config()
+    layers, head = _expected_text_path("internlm2_ve", config.llm_config)
+    weights = 2 * (layers + head + config.llm_config.hidden_size)
+    llm = config.llm_config
+    kv = kv_cache_bytes(llm.num_hidden_layers, llm.num_key_value_heads, llm.hidden_size // llm.num_attention_heads,
+                        1000)
+    table = decode_roofline_table({"NaViL-2B": build_empty_model(config, torch.bfloat16)}, (1, 4), gpu="H200",
+                                  context_tokens=1000)
+    assert len(table) == 4 and set(table["parallelism"]) == {"layers", "tensor"}
+    row = table[(table["GPUs"] == 4) & (table["parallelism"] == "tensor")].iloc[0]
+    assert row["weights GB"] == pytest.approx(weights / 1e9)
+    assert row["KV cache GB"] == pytest.approx(kv / 1e9)
+    assert row["tokens/s (bound)"] == pytest.approx(4 * GPU_BANDWIDTH["H200"] / (weights + kv))
+    layered = table[table["parallelism"] == "layers"]["tokens/s (bound)"]
+    assert layered.nunique() == 1
+    with pytest.raises(ValueError, match="unknown GPU"):
+        decode_roofline_table({}, gpu="TPU")

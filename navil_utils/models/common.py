@@ -48,8 +48,11 @@ class NaViLRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        x = hidden_states.to(compute_dtype(input_dtype))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        shape = (hidden_states.shape[-1],)
+        if input_dtype == compute_dtype(input_dtype) and self.weight.dtype == input_dtype:
+            # one fused call, bit-identical to the steps below in this case (tests/test_fast_decode.py)
+            return nn.functional.rms_norm(hidden_states, shape, self.weight, self.variance_epsilon)
+        x = nn.functional.rms_norm(hidden_states.to(compute_dtype(input_dtype)), shape, None, self.variance_epsilon)
         if self.weight_in_fp32:
             return (self.weight * x).to(input_dtype)
         return self.weight * x.to(input_dtype)

@@ -27,6 +27,7 @@ from navil_utils.models.common import (
     ensure_mask_function,
     resolve_attention_implementation,
 )
+from navil_utils.models.fast_decode import PreallocatedCache
 
 
 class VEDecoderForCausalLM(PreTrainedModel):
@@ -49,6 +50,13 @@ class VEDecoderForCausalLM(PreTrainedModel):
 
     def embedding_module(self) -> nn.Embedding:
         raise NotImplementedError
+
+    def new_cache(self) -> Cache:
+        """An empty KV cache for this decoder: :class:`~navil_utils.models.fast_decode.PreallocatedCache` (a step
+        copies only its own keys/values), or transformers' ``DynamicCache`` when some layer uses a sliding window."""
+        if all(kind == "full_attention" for kind in self.config.layer_types):
+            return PreallocatedCache(self.config.num_hidden_layers)
+        return DynamicCache(config=self.config)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embedding_module()
@@ -87,7 +95,7 @@ class VEDecoderForCausalLM(PreTrainedModel):
         model = self.model
         batch, length, _ = inputs_embeds.shape
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = self.new_cache()
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None].expand(batch, -1)
@@ -95,8 +103,9 @@ class VEDecoderForCausalLM(PreTrainedModel):
         ensure_mask_function(self.config._attn_implementation)
         mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            cache=cache, position_ids=position_ids)
+        layer_types = self.config.layer_types      # read once: config attribute access is slow in transformers 5
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-        if "sliding_attention" in self.config.layer_types:
+        if "sliding_attention" in layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         attention_name = resolve_attention_implementation(self.config, output_attentions)
@@ -107,7 +116,7 @@ class VEDecoderForCausalLM(PreTrainedModel):
         all_hidden: list[torch.Tensor] = [hidden] if output_hidden_states else []
         all_attentions: list[torch.Tensor] = []
         for index, layer in enumerate(model.layers):
-            hidden, probs = layer(hidden, attention_mask=masks[self.config.layer_types[index]],
+            hidden, probs = layer(hidden, attention_mask=masks[layer_types[index]],
                                   position_embeddings=position_embeddings, cache=cache, router=router,
                                   attention_name=attention_name, **attention_kwargs)
             if output_hidden_states and index < len(model.layers) - 1:

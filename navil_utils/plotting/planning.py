@@ -67,3 +67,30 @@ def plot_request_memory(frame, ax=None):
     ax.set_ylabel("GiB (bf16)")
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_decode_roofline(table, ax=None, *, gpu_memory_gib: float | None = None, title: str | None = None):
+    """Decode tokens/s bounds of one sequence (:func:`~navil_utils.analysis.roofline.decode_roofline_table`) against
+    the GPU count: one colour per model, solid = tensor parallel, dashed = whole layers per GPU (they take turns).
+    With ``gpu_memory_gib``, plans whose evenly split weights exceed a GPU are left out."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.2))
+    shown = table if gpu_memory_gib is None else table[table["all weights per GPU GiB (even split)"] <= gpu_memory_gib]
+    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
+    for k, model in enumerate(dict.fromkeys(table["model"])):
+        for parallelism, style in (("tensor", "-"), ("layers", "--")):
+            rows = shown[(shown["model"] == model) & (shown["parallelism"] == parallelism)].sort_values("GPUs")
+            if len(rows):
+                ax.plot(rows["GPUs"], rows["tokens/s (bound)"], style, marker="o", ms=4, color=colours[k % 5],
+                        label=f"{model}, {'tensor parallel' if parallelism == 'tensor' else 'layers per GPU'}")
+    gpus = sorted(set(table["GPUs"]))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(gpus, [str(g) for g in gpus])
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("decode tokens/s, batch 1 (upper bound)")
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title or "Decode roofline: bytes per step / HBM bandwidth")
+    return ax
