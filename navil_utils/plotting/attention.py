@@ -89,7 +89,7 @@ def block_boundaries(layout) -> list[int]:
 
 def plot_token_attention(matrices: Sequence[Any], layout, *, labels: Sequence[str] | None = None,
                          title: str | None = None, vmin: float = 1e-4, panel_size: float = 3.4,
-                         label_min_tokens: int = 3):
+                         label_min_tokens: int = 3, ncols: int | None = None):
     """One causal token × token attention matrix per panel (rows = queries, columns = keys), log colour scale.
 
     Keys after the query (the causal mask) are left blank.  The prompt's blocks (text, ``<img>``, each scale's
@@ -100,6 +100,7 @@ def plot_token_attention(matrices: Sequence[Any], layout, *, labels: Sequence[st
         matrices: ``(T, T)`` tensors or arrays, e.g. ``prompt.matrix(layer)`` for every LLM layer.
         layout: the prompt's :class:`~navil_utils.analysis.attention.TokenLayout`.
         labels: one panel title per matrix (default ``layer k``).
+        ncols: panels per row (default: all in one row), e.g. one row per model.
     """
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
@@ -119,11 +120,16 @@ def plot_token_attention(matrices: Sequence[Any], layout, *, labels: Sequence[st
                    if b.length >= label_min_tokens]
     cmap = plt.get_cmap(MATRIX_CMAP).with_extremes(bad="white")
     norm = LogNorm(vmin=vmin, vmax=1.0)
-    fig, axes = plt.subplots(1, len(arrays), figsize=(panel_size * len(arrays) + 0.9, panel_size + 1.6),
+    ncols = len(arrays) if ncols is None else max(1, min(int(ncols), len(arrays)))
+    nrows = -(-len(arrays) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * ncols + 0.9, (panel_size + 1.6) * nrows),
                              layout="constrained", squeeze=False)
+    for ax in axes.ravel()[len(arrays):]:
+        ax.set_visible(False)
     causal = np.triu(np.ones((size, size), dtype=bool), k=1)
     image = None
-    for k, (ax, array, label) in enumerate(zip(axes[0], arrays, labels)):
+    for k, (ax, array, label) in enumerate(zip(axes.ravel(), arrays, labels)):
+        first_column = k % ncols == 0
         shown = np.where(causal, np.nan, np.clip(array, vmin, None))
         image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest")
         for b in boundaries:  # only where the matrix has cells: below / left of the diagonal
@@ -135,12 +141,13 @@ def plot_token_attention(matrices: Sequence[Any], layout, *, labels: Sequence[st
         ax.set_ylim(size - 0.5, -0.5)
         ax.grid(False)
         ax.set_xticks(ticks, tick_labels, rotation=90, fontsize=7.5)
-        ax.set_yticks(ticks, tick_labels if k == 0 else [], fontsize=7.5)
+        ax.set_yticks(ticks, tick_labels if first_column else [], fontsize=7.5)
         ax.set_title(label)
         ax.set_xlabel("key (attended position)")
-        if k == 0:
+        if first_column:
             ax.set_ylabel("query position")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label="attention probability (mean of heads, log)")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.85 / nrows ** 0.5,
+                 label="attention probability (mean of heads, log)")
     fig.suptitle(title or f"Token × token attention, {size} positions (blank: after the query, causal mask)")
     return fig
 
@@ -613,5 +620,75 @@ def plot_blanking(summary, *, chance: Mapping[str, float] | None = None, title: 
     ax.grid(axis="x", visible=False)
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(title or "Causal check: zero the visual tokens inside vs outside the evidence box")
+    fig.tight_layout()
+    return fig
+
+
+_SHORT_CONDITIONS = {"intact": "intact", "inside_blanked": "inside the box\nzeroed",
+                     "outside_blanked": "as many outside\nzeroed"}
+
+#: Line colours of the models in :func:`plot_attention_comparison` (in the order given).
+COMPARISON_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")
+
+
+def plot_attention_comparison(statistics: Sequence[Any], *, title: str | None = None):
+    """The measured attention statistics of several models side by side, per LLM layer, with 95% intervals:
+    the answer query's visual share (dashed: uniform attention), its pointing into the evidence box
+    (attention − uniform), the distance ratio of image tokens' attention within their scale (1 = as spread as
+    uniform attention), and the blanking check (all questions).
+
+    ``statistics``: :class:`~navil_utils.analysis.attention_comparison.AttentionStatistics`, one per model.
+    """
+    import matplotlib.pyplot as plt
+
+    if not statistics:
+        raise ConfigError("plot_attention_comparison needs at least one model's statistics")
+    fig, axes = plt.subplots(1, 4, figsize=(17.0, 4.2), gridspec_kw={"width_ratios": [1, 1, 1, 1.25]})
+    share_ax, point_ax, local_ax, blank_ax = axes
+    offsets = (np.arange(len(statistics)) - (len(statistics) - 1) / 2) * 0.08
+    for k, stats in enumerate(statistics):
+        colour = COMPARISON_COLOURS[k % len(COMPARISON_COLOURS)]
+        share = _rounded(stats.visual_share)
+        layers = np.asarray(sorted(set(share["layer"])), dtype=float)
+        _errorbar(share_ax, layers + offsets[k], _pick(share, statistic="visual").sort_values("layer"), colour,
+                  stats.label)
+        share_ax.plot(layers, _pick(share, statistic="visual_uniform").sort_values("layer")["mean"],
+                      color=ATTENTION_COLOURS["uniform"], ls="--", lw=1.0,
+                      label="uniform attention" if k == 0 else None)
+        pointing = _rounded(stats.pointing)
+        _errorbar(point_ax, layers + offsets[k], _pick(pointing, statistic="attention - uniform").sort_values("layer"),
+                  colour, stats.label)
+        locality = _rounded(stats.locality)
+        _errorbar(local_ax, layers + offsets[k], _pick(locality, statistic="distance_ratio").sort_values("layer"),
+                  colour, stats.label)
+    for ax in (point_ax, local_ax):
+        ax.axhline(0.0 if ax is point_ax else 1.0, color=ATTENTION_COLOURS["uniform"], lw=0.9, ls=":")
+    for ax in (share_ax, point_ax, local_ax):
+        ax.set_xticks(layers, [str(int(layer)) for layer in layers])
+        ax.set_xlabel("LLM layer")
+    share_ax.set_ylabel("answer query's attention on visual tokens\n(share, 95% CI)")
+    share_ax.set_title("Visual share (dashed: uniform)", fontsize=10)
+    share_ax.legend(fontsize=7.5, loc="best")
+    point_ax.set_ylabel("visual attention in the evidence box\nminus uniform (share, 95% CI)")
+    point_ax.set_title("Pointing at the evidence", fontsize=10)
+    local_ax.set_ylabel("attention-weighted / uniform mean distance\n(image tokens, own scale; 95% CI)")
+    local_ax.set_title("Locality (1 = as global as uniform)", fontsize=10)
+    conditions = list(dict.fromkeys(statistics[0].blanking["condition"]))
+    width = 0.8 / len(statistics)
+    x = np.arange(len(conditions))
+    for k, stats in enumerate(statistics):
+        rows = _pick(_rounded(stats.blanking), group="overall").set_index("condition").loc[conditions]
+        mean = rows["accuracy"].to_numpy(float)
+        blank_ax.bar(x + (k - (len(statistics) - 1) / 2) * width, mean, width * 0.95,
+                     color=COMPARISON_COLOURS[k % len(COMPARISON_COLOURS)],
+                     yerr=[mean - rows["low"].to_numpy(float), rows["high"].to_numpy(float) - mean], capsize=2,
+                     error_kw={"lw": 0.8, "ecolor": "0.2"}, label=f"{stats.label} (n={int(rows['n'].iloc[0])})")
+    blank_ax.set_xticks(x, [_SHORT_CONDITIONS.get(c, c) for c in conditions], fontsize=8.5)
+    blank_ax.set_ylabel("exact-match accuracy (95% CI)")
+    blank_ax.set_ylim(0, 1)
+    blank_ax.grid(axis="x", visible=False)
+    blank_ax.set_title("Causal check (all question types)", fontsize=10)
+    blank_ax.legend(fontsize=7.5, loc="upper right")
+    fig.suptitle(title or "The same attention statistics for " + " vs ".join(s.label for s in statistics))
     fig.tight_layout()
     return fig
