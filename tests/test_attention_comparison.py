@@ -250,3 +250,20 @@ def test_models_overview_reads_the_encoder_and_blanking_accuracy():
     assert row["exact match, intact"] == 0.75 and row["exact match, inside blanked"] == 0.0
     with pytest.raises(KeyError):
         models_overview([_statistics()])                      # no encoder recorded in meta
+
+
+def test_shipped_small_encoder_statistics_share_the_questions_and_prompt_layout():
+    large = AttentionStatistics.load(SHIPPED / "navil-tiny")
+    small = AttentionStatistics.load(SHIPPED / "navil-tiny-small-encoder")
+    for key in ("data_seed", "n_questions", "example_index", "locality_questions", "n_boot", "seed"):
+        assert small.meta[key] == large.meta[key], key
+    assert small.example_kinds == large.example_kinds
+    assert (small.meta["vit_layers"], small.meta["vit_width"]) == (2, 56)
+    assert small.meta["encoder_parameters"] == 119_784 and large.meta["encoder_parameters"] == 891_520
+    # the answer-query uniform baseline depends only on the prompts, which both models share
+    pd.testing.assert_frame_equal(large.visual_share[large.visual_share["statistic"] == "visual_uniform"],
+                                  small.visual_share[small.visual_share["statistic"] == "visual_uniform"])
+    # rows of the example's matrices are probability distributions over earlier positions
+    sums = small.example.sum(-1)
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
+    assert float(small.example.triu(1).abs().max()) == 0.0
