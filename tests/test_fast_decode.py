@@ -1,6 +1,7 @@
 """Decoding without per-step waste (navil_utils.models.fast_decode): the preallocated KV cache returns exactly
-what transformers' DynamicCache returns, and generation with it — and with prepacked bf16 linears — gives the
-same ids as without, and the golden fixtures' ids."""
+what transformers' DynamicCache returns, and generation with it — and with prepacked bf16 linears, column-major
+float32 weights and the float32 attention of bf16 decode steps — gives the same ids as without, and the golden
+fixtures' ids."""
 from __future__ import annotations
 
 import pytest
@@ -11,9 +12,14 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from navil_utils.models.fast_decode import (
     PreallocatedCache,
     PreallocatedLayer,
+    column_major_cpu_linears,
+    cpu_decode_attention,
     pack_cpu_linears,
     packed_linears_supported,
+    prepare_cpu_decode,
+    restore_cpu_linears,
     unpack_cpu_linears,
+    uses_cpu_decode_attention,
 )
 from navil_utils.reference.golden import load_golden_case
 
@@ -116,9 +122,10 @@ def test_bfloat16_greedy_ids_equal_golden_with_and_without_packed_linears(varian
     patched = sum("forward" in m.__dict__ for m in model.language_model.modules())
     assert patched == (sum(type(m) is nn.Linear for m in model.language_model.modules())
                        if packed_linears_supported() else 0)
-    unpack_cpu_linears(model)
-    model.pack_cpu_linears = False
+    restore_cpu_linears(model)
+    model.cpu_decode_kernels = False
     plain = model.generate(**case.image_inputs, max_new_tokens=8, do_sample=False)
+    assert not any("forward" in m.__dict__ for m in model.language_model.modules())   # stayed unpacked
     assert torch.equal(packed, plain)
     assert packed[0, -8:].tolist() == case.meta["generated_ids"][:8]
 
@@ -144,3 +151,88 @@ def test_fused_rms_norm_is_bit_identical_to_the_written_out_steps(dtype, weight_
             norm.weight.copy_(torch.randn(shape[-1], generator=generator))
         hidden = (torch.randn(*shape, generator=generator) * 7).to(dtype)
         assert torch.equal(norm(hidden), _rms_norm_by_steps(norm, hidden)), shape
+
+
+def test_column_major_weights_keep_values_keys_and_training():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 96), nn.Linear(96, 16), nn.Linear(24, 24)).float()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(5, 32)
+    expected = model[1](model[0](x))
+    with torch.inference_mode():                       # generate may run under inference mode
+        assert column_major_cpu_linears(model) == 2      # 32->96 and 24->24 (out >= in); 96->16 stays
+    wide, narrow, square = model[0].weight, model[1].weight, model[2].weight
+    assert wide.stride() == (1, 96) and square.stride() == (1, 24) and narrow.is_contiguous()
+    assert not wide.is_inference()                     # still trainable
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    torch.testing.assert_close(model[1](model[0](x)), expected, rtol=1e-6, atol=1e-6)
+    assert column_major_cpu_linears(model) == 0        # idempotent
+    model[1](model[0](x)).sum().backward()             # training works on the moved weights
+    assert wide.grad is not None and wide.grad.shape == wide.shape
+    assert restore_cpu_linears(model) == 2 and wide.is_contiguous() and square.is_contiguous()
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+def test_column_major_model_saves_and_reloads(tmp_path):
+    from navil_utils.models import load_model
+
+    case = load_golden_case("qwen3_ve")
+    model = case.model
+    reference = model(**case.image_inputs).logits
+    generated = model.generate(**case.image_inputs, max_new_tokens=8, do_sample=False)   # prepares the linears
+    assert any(m.weight.stride()[0] == 1 for m in model.language_model.modules()
+               if type(m) is nn.Linear and m.out_features > 1 and m.out_features >= m.in_features)
+    assert generated[0, -8:].tolist() == case.meta["generated_ids"][:8]
+    model.save_pretrained(tmp_path)
+    reloaded = load_model(tmp_path, special_token_ids=case.meta["special_token_ids"])
+    torch.testing.assert_close(reloaded(**case.image_inputs).logits, reference, rtol=0, atol=1e-6)
+
+
+def test_prepare_cpu_decode_is_idempotent_per_dtype():
+    fp32 = nn.Sequential(nn.Linear(8, 32))
+    assert prepare_cpu_decode(fp32) == 1 and prepare_cpu_decode(fp32) == 0
+    bf16 = nn.Sequential(nn.Linear(8, 32)).to(torch.bfloat16)
+    expected = 1 if packed_linears_supported() else 0
+    assert prepare_cpu_decode(bf16) == expected and prepare_cpu_decode(bf16) == 0
+    assert bf16[0].weight.is_contiguous()                 # bf16 weights keep their layout (packed copy instead)
+
+
+def _attention_reference(query, key, value, mask=None):
+    """Plain float64 attention with grouped heads repeated: (B, H, Lq, D) -> (B, Lq, H, D)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.double().repeat_interleave(groups, dim=1) for t in (key, value))
+    scores = query.double() @ key.transpose(-1, -2) / query.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ value).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_decode_attention_matches_float64_attention(dtype):
+    generator = torch.Generator().manual_seed(3)
+    query = (3 * torch.randn(2, 8, 1, 64, generator=generator)).to(dtype)
+    key, value = (torch.randn(2, 4, 57, 64, generator=generator).to(dtype) for _ in range(2))
+    mask = torch.ones(2, 1, 1, 57, dtype=torch.bool)
+    mask[1, ..., :9] = False                                       # left padding of the second sequence
+    ours, probs = cpu_decode_attention(None, query, key, value, mask, scaling=64 ** -0.5)
+    assert probs is None and ours.dtype == dtype and ours.shape == (2, 1, 8, 64)
+    reference = _attention_reference(query, key, value, mask)
+    error = (ours.double() - reference).abs().max().item()
+    sdpa = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+    sdpa_error = (sdpa.transpose(1, 2).double() - reference).abs().max().item()
+    # computed in float32: for bf16/fp16 the output's rounding dominates (within one unit of its precision);
+    # float32 inputs keep a few float32 roundings of the sums
+    units = 1 if dtype != torch.float32 else 16
+    assert error <= units * torch.finfo(dtype).eps * reference.abs().max().item()
+    assert error <= sdpa_error + 1e-7
+    additive = torch.zeros(2, 1, 1, 57).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(cpu_decode_attention(None, query, key, value, additive)[0], ours, rtol=0, atol=0)
+
+
+def test_cpu_decode_attention_is_chosen_for_half_precision_decode_steps_on_cpu():
+    one, many = torch.zeros(1, 1, 8), torch.zeros(1, 5, 8)
+    assert uses_cpu_decode_attention("sdpa", one.bfloat16()) and uses_cpu_decode_attention("sdpa", one.half())
+    assert not uses_cpu_decode_attention("sdpa", one)                   # float32: sdpa is fast
+    assert not uses_cpu_decode_attention("sdpa", many.bfloat16())       # prompts keep sdpa
+    assert not uses_cpu_decode_attention("eager", one.bfloat16())       # other implementations are respected

@@ -13,13 +13,12 @@ One :class:`AttentionStatistics` per model holds, on the same held-out questions
   (:func:`~navil_utils.analysis.attention_report.blanking_summary`);
 * ``example`` — the full head-mean token × token matrices of one prompt, every layer (the Fig. 9 panels).
 
-``python -m navil_utils.analysis.attention_comparison --model DIR --out DIR`` computes them for a checkpoint and
+``python -m navil_utils.tiny.attention_statistics --model DIR --out DIR`` computes them for a checkpoint and
 writes them (``statistics.csv``, ``example_attention.safetensors``, ``meta.json``) so that a notebook can show a
 model it cannot ship; :meth:`AttentionStatistics.load` reads them back.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -190,7 +189,7 @@ class AttentionStatistics:
         if wrong:
             details = ", ".join(f"{key}={have!r} (wanted {want!r})" for key, (have, want) in wrong.items())
             raise ConfigError(f"statistics of {self.label!r} were computed with {details}: recompute them for these "
-                              "settings (python -m navil_utils.analysis.attention_comparison)")
+                              "settings (python -m navil_utils.tiny.attention_statistics)")
 
     def summary(self):
         """One row per LLM layer: the headline numbers (means) of every table, blanking in the last columns."""
@@ -306,46 +305,3 @@ def max_difference(a: AttentionStatistics, b: AttentionStatistics) -> float:
 
 # ---------------------------------------------------------------------------------------------------
 # command line
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m navil_utils.analysis.attention_comparison",
-                                     description="Chapter 04's attention statistics of one checkpoint, written to a "
-                                                 "directory (statistics.csv, example_attention.safetensors, meta.json).")
-    parser.add_argument("--model", required=True, help="checkpoint directory")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--label", required=True, help="how figures name this model")
-    parser.add_argument("--data-seed", type=int, default=123, help="SyntheticVQA seed of the questions")
-    parser.add_argument("--n-questions", type=int, default=400)
-    parser.add_argument("--example-index", type=int, required=True, help="SyntheticVQA index of the example prompt")
-    parser.add_argument("--locality-questions", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--n-boot", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import navil_utils
-    from navil_utils.tiny.synthetic import SyntheticVQA
-
-    args = _parse(argv)
-    navil_utils.setup_notebook(seed=args.seed, threads=args.threads)
-    model, tokenizer = navil_utils.load_chat_model(args.model)
-    model.eval()
-    data = SyntheticVQA(args.data_seed)
-    samples = [data.sample(i) for i in range(args.n_questions)]
-    meta = {"data_seed": args.data_seed, "n_questions": args.n_questions, "example_index": args.example_index,
-            "locality_questions": args.locality_questions, "batch_size": args.batch_size, "n_boot": args.n_boot,
-            "seed": args.seed, **model_meta(model)}
-    stats = attention_statistics(model, tokenizer, samples, data.sample(args.example_index), label=args.label,
-                                 batch_size=args.batch_size, locality_questions=args.locality_questions,
-                                 n_boot=args.n_boot, seed=args.seed, meta=meta)
-    out = stats.save(args.out)
-    print(f"wrote {out}")
-    print(stats.summary().round(3).to_string())
-
-
-if __name__ == "__main__":
-    main()

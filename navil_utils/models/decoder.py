@@ -27,7 +27,7 @@ from navil_utils.models.common import (
     ensure_mask_function,
     resolve_attention_implementation,
 )
-from navil_utils.models.fast_decode import PreallocatedCache
+from navil_utils.models.fast_decode import CPU_DECODE_ATTENTION, PreallocatedCache, uses_cpu_decode_attention
 
 
 class VEDecoderForCausalLM(PreTrainedModel):
@@ -44,6 +44,8 @@ class VEDecoderForCausalLM(PreTrainedModel):
     _supports_attention_backend = True
     _skip_keys_device_placement = ["cache"]
     upcast_logits = False  # InternLM2 returns float32 logits, Qwen3 logits keep the model dtype
+    #: bf16/fp16 one-token steps on CPU under ``sdpa`` use :func:`~navil_utils.models.fast_decode.cpu_decode_attention`.
+    cpu_decode_attention: bool = True
 
     def lm_head_module(self) -> nn.Linear:
         raise NotImplementedError
@@ -109,6 +111,8 @@ class VEDecoderForCausalLM(PreTrainedModel):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         attention_name = resolve_attention_implementation(self.config, output_attentions)
+        if self.cpu_decode_attention and uses_cpu_decode_attention(attention_name, inputs_embeds):
+            attention_name = CPU_DECODE_ATTENTION     # bf16/fp16 CPU sdpa is slow for one query (fast_decode)
         router = ModalityRouter(visual_token_mask if self.config.visual_experts else None)
         position_embeddings = model.rotary_emb(inputs_embeds, position_ids)
 

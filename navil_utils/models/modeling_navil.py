@@ -51,7 +51,7 @@ from navil_utils.models.checkpoint import (
     special_token_ids_from_tokenizer_files,
 )
 from navil_utils.models.common import NaViLCausalLMOutput, compute_dtype
-from navil_utils.models.fast_decode import pack_cpu_linears
+from navil_utils.models.fast_decode import prepare_cpu_decode
 from navil_utils.models.configuration_navil import (
     INTERNLM2_VE_ARCHITECTURE,
     QWEN3_VE_ARCHITECTURE,
@@ -119,14 +119,15 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
     ids (needed to assemble embeddings) come from ``special_token_ids`` of the loader, the checkpoint's
     tokenizer files, ``config.special_token_ids``, or :meth:`set_special_token_ids`.
 
-    ``generate`` decodes with a preallocated KV cache, and — for bfloat16 weights on a CPU with oneDNN bf16
-    kernels — routes the language model's few-row linears through prepacked weights
-    (:mod:`navil_utils.models.fast_decode`); set ``pack_cpu_linears = False`` on the model or class to keep
-    PyTorch's default bf16 kernels.
+    ``generate`` decodes with a preallocated KV cache and readies the language model's CPU linears for one-row
+    products (float32: wide weights stored column-major in place; bfloat16: oneDNN-prepacked copies) and, for
+    bf16/fp16 on CPU, computes the attention of one-token steps in float32 (see
+    :mod:`navil_utils.models.fast_decode`); set ``cpu_decode_kernels = False`` on the model or class to keep
+    PyTorch's default kernels and layouts.
     """
 
-    #: ``generate`` packs the bf16 CPU linears of the language model on first use (see the class docstring).
-    pack_cpu_linears: bool = True
+    #: ``generate`` readies the language model's CPU linears for decoding (see the class docstring).
+    cpu_decode_kernels: bool = True
 
     def __init__(self, config: NaViLChatConfig) -> None:
         super().__init__(config)
@@ -406,9 +407,9 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             raise ModelInputError("generate needs input_ids (the prompt with one <IMG_CONTEXT> per visual token)")
         embeds, visual_mask = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_flags,
                                                 visual_features)
-        if self.pack_cpu_linears and not getattr(self, "_navil_linears_packed", False):
-            pack_cpu_linears(self.language_model)          # a no-op unless bf16 weights on a CPU with oneDNN bf16
-            self._navil_linears_packed = True
+        if self.cpu_decode_kernels:
+            prepare_cpu_decode(self.language_model)        # idempotent; a no-op for weights not on the CPU
+        self.language_model.cpu_decode_attention = self.cpu_decode_kernels
         config = kwargs.get("generation_config") or self.generation_config
         if kwargs.get("use_cache", config.use_cache) is not False and kwargs.get("past_key_values") is None \
                 and kwargs.get("cache") is None:
