@@ -76,6 +76,7 @@ class EncodedSample:
     qas: tuple[QA, ...]
     block_ids: list[int] | None = None
     position_ids: list[int] | None = None
+    token_targets: torch.Tensor | None = None   # (n_merged_tokens, 3) raster order, see tiny/token_targets.py
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -145,6 +146,9 @@ class TinyCollator:
         qa_packing: ``"single"`` — the primary QA only; ``"isolated"`` — all ``Sample.qas`` packed
             after one image prefix with a block mask.
         pad_to_multiple_of: round the padded length up (fewer distinct shapes).
+        token_target_classes: class names per target (:func:`~navil_utils.tiny.token_targets.target_classes`)
+            to attach every visual token's object classes to batches as ``extra["token_targets"]``
+            ``(n_visual_tokens, 3)`` in raster order (the auxiliary token loss of training); None: not computed.
     """
 
     #: Class of the batches :meth:`collate` returns.
@@ -164,6 +168,7 @@ class TinyCollator:
         padding_side: str = "right",
         qa_packing: str = "single",
         pad_to_multiple_of: int | None = None,
+        token_target_classes: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         if padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -182,6 +187,7 @@ class TinyCollator:
         self.padding_side = padding_side
         self.qa_packing = qa_packing
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.token_target_classes = token_target_classes
         self.token_ids = navil_token_ids(tokenizer)
         for token in (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, IMG_LINE_BREAK_TOKEN, IMG_FRAME_BREAK_TOKEN):
             if token not in self.token_ids:
@@ -256,10 +262,16 @@ class TinyCollator:
             block_ids += [k] * (len(q_ids) + len(a_ids))
             position_ids += list(range(len(prefix), len(prefix) + len(q_ids) + len(a_ids)))
         packed = self.qa_packing == "isolated" and with_answers
+        targets = None
+        if self.token_target_classes is not None:
+            from navil_utils.tiny.token_targets import token_targets
+
+            targets = token_targets(sample, image_grid_thw, self.token_target_classes, merge_size=self.merge_size)
         return EncodedSample(
             index=sample.index, input_ids=input_ids, labels=labels, qa_index=qa_index,
             pixel_values=pixel_values, image_grid_thw=image_grid_thw, qas=tuple(qas),
             block_ids=block_ids if packed else None, position_ids=position_ids if packed else None,
+            token_targets=targets,
         )
 
     def __call__(self, samples: Sequence[Sample], *, with_answers: bool = True) -> TinyBatch:
@@ -307,6 +319,8 @@ class TinyCollator:
         if packed:
             result.position_ids = positions
             result.attention_mask_4d = isolated_block_mask(blocks)
+        if all(e.token_targets is not None for e in encoded):
+            result.extra["token_targets"] = torch.cat([e.token_targets for e in encoded])
         return result
 
 

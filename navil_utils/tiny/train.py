@@ -72,6 +72,8 @@ DEFAULT_CURRICULUM: tuple[tuple[float, dict[str, float]], ...] = (
 
 #: Values of ``TrainConfig.architecture``: the model and its image preprocessing.
 ARCHITECTURES: tuple[str, ...] = ("navil", "nvlm_d")
+#: Values of ``TrainConfig.loss_averaging``.
+LOSS_AVERAGING: tuple[str, ...] = ("token", "question")
 
 
 @dataclass
@@ -93,6 +95,13 @@ class TrainConfig:
     curriculum: tuple[tuple[float, dict[str, float]], ...] = DEFAULT_CURRICULUM
     qa_packing: str = "single"         # "single" or "isolated" (several QAs per image, block mask)
     extra_qas: int = 0                 # extra QAs per image with qa_packing="isolated"
+    loss_averaging: str = "token"      # "token": mean over answer tokens; "question": mean over QAs of each
+    #                                    QA's mean (a long answer weighs as much as a one-word answer)
+    token_loss: float = 0.0            # weight of the auxiliary per-visual-token loss (NaViL only; 0 = off):
+    #                                    linear heads on the LLM's visual tokens predict the kind, colour and
+    #                                    glyph of the object each token shows (tiny/token_targets.py)
+    connector_init_scale: float = 1.0  # multiplies the initial weights of the connector's last linear layer
+    #                                    (< 1 starts the visual tokens nearer the text embeddings' scale)
     log_every: int = 50
     eval_every: int = 1000
     eval_batches: int = 8
@@ -190,6 +199,14 @@ class TrainConfig:
             check_model_overrides(self.model)
         if self.qa_packing not in ("single", "isolated"):
             fail("qa_packing", self.qa_packing, "'single' or 'isolated'")
+        if self.loss_averaging not in LOSS_AVERAGING:
+            fail("loss_averaging", self.loss_averaging, " or ".join(repr(a) for a in LOSS_AVERAGING))
+        if not is_number(self.token_loss) or not 0 <= self.token_loss < math.inf:
+            fail("token_loss", self.token_loss, "a finite number >= 0")
+        if self.token_loss and self.architecture != "navil":
+            fail("token_loss", self.token_loss, "0 with architecture='nvlm_d' (the per-token loss is NaViL's)")
+        if not is_number(self.connector_init_scale) or not 0 < self.connector_init_scale < math.inf:
+            fail("connector_init_scale", self.connector_init_scale, "a finite number > 0")
         if self.time_limit_minutes is not None and (not is_number(self.time_limit_minutes)
                                                     or self.time_limit_minutes <= 0):
             fail("time_limit_minutes", self.time_limit_minutes, "null or a number > 0")
@@ -262,8 +279,15 @@ class StepBatches(torch.utils.data.Dataset):
 
             self.collator = collator_for(config, tokenizer, qa_packing=config.qa_packing, pad_to_multiple_of=8)
             return
+        classes = None
+        if config.token_loss:
+            from navil_utils.tiny.synthetic import SyntheticConfig
+            from navil_utils.tiny.token_targets import target_classes
+
+            classes = target_classes(SyntheticConfig(**config.data))
         self.collator = TinyCollator(tokenizer, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
-                                     qa_packing=config.qa_packing, pad_to_multiple_of=8)
+                                     qa_packing=config.qa_packing, pad_to_multiple_of=8,
+                                     token_target_classes=classes)
 
     def __len__(self) -> int:
         return self.config.total_steps
@@ -297,7 +321,13 @@ def build_model(config: TrainConfig, tokenizer: Any):
     cfg = NaViLChatConfig(**tiny_model_config(len(tokenizer), ids, **model_kwargs))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return NaViLForConditionalGeneration(cfg)
+        model = NaViLForConditionalGeneration(cfg)
+    if config.connector_init_scale != 1.0:
+        with torch.no_grad():
+            last = model.mlp1[-1]
+            last.weight.mul_(config.connector_init_scale)
+            last.bias.mul_(config.connector_init_scale)
+    return model
 
 
 def _tokenizer_for(config: TrainConfig):
@@ -571,6 +601,48 @@ class DataParallel:
         return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
 
+class TokenHeads(torch.nn.Module):
+    """Linear heads on the visual tokens the LLM reads, one per :data:`~navil_utils.tiny.token_targets.TOKEN_TARGETS`
+    target: training scaffolding of ``TrainConfig.token_loss`` (saved in checkpoints, never exported)."""
+
+    def __init__(self, hidden: int, classes: dict[str, tuple[str, ...]]) -> None:
+        super().__init__()
+        from navil_utils.tiny.token_targets import TOKEN_TARGETS
+
+        self.targets = TOKEN_TARGETS
+        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(hidden, len(classes[t])) for t in TOKEN_TARGETS})
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``tokens`` ``(n, H)``, ``targets`` ``(n, 3)`` (-100 = none) → (mean of the targets' cross-entropies,
+        accuracy per target on the tokens that have one)."""
+        losses, accuracy = [], {}
+        for k, target in enumerate(self.targets):
+            labels = targets[:, k]
+            keep = labels >= 0
+            if not bool(keep.any()):
+                continue
+            logits = self.heads[target](tokens[keep].float())
+            losses.append(torch.nn.functional.cross_entropy(logits, labels[keep]))
+            accuracy[target] = float((logits.detach().argmax(-1) == labels[keep]).float().mean())
+        if not losses:
+            return tokens.sum() * 0.0, accuracy
+        return torch.stack(losses).mean(), accuracy
+
+
+def question_loss(logits: torch.Tensor, labels: torch.Tensor, answer_qa: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum over QAs of each QA's mean answer-token cross-entropy, and the number of QAs: ``logits`` ``(B, T, V)``
+    predict ``labels`` ``(B, T)`` one position later; ``answer_qa`` ``(B, T)`` numbers each answer token's QA."""
+    target, qa = labels[:, 1:], answer_qa[:, 1:]
+    keep = target >= 0
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
+    index = qa[keep]
+    count = int(index.max()) + 1 if index.numel() else 0
+    sums = nll.new_zeros(count).index_add(0, index, nll)
+    tokens = torch.bincount(index, minlength=count)
+    present = tokens > 0
+    return (sums[present] / tokens[present]).sum(), int(present.sum())
+
+
 def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     out = Path(config.out)
     device = torch.device(config.device)
@@ -595,6 +667,18 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     torch.manual_seed(config.seed)  # the run's own RNG stream (forked by train(); saved in checkpoints)
     if config.init_from and not has_checkpoint:
         load_weights(Path(config.init_from) / "model.safetensors", model)
+    visual_tokens: list[torch.Tensor] = []
+    if config.token_loss:  # heads built after init_from (its checkpoint has none), before a checkpoint is loaded
+        from navil_utils.models.vision import window_layout
+        from navil_utils.tiny.synthetic import SyntheticConfig
+        from navil_utils.tiny.token_targets import target_classes
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 1)
+            model.token_heads = TokenHeads(model.config.llm_config.hidden_size,
+                                           target_classes(SyntheticConfig(**config.data)))
+        model.mlp1.register_forward_hook(lambda _module, _inputs, output: visual_tokens.append(output))
+        merge, window = model.config.merge_size, model.config.vision_config.window_size
     model = model.to(device)
     model.train()
     exempt = no_weight_decay(model)  # names of the unwrapped model; the optimiser holds the same tensors
@@ -635,6 +719,7 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     start_wall = time.perf_counter() - state["elapsed_seconds"]
     session_start = time.perf_counter()
     window_loss, window_correct, window_total = 0.0, 0, 0
+    window_objective, window_aux, window_token_acc = 0.0, 0.0, defaultdict(list)
     stopped_early = False
     first_step = state["step"]
     saved_step = state["step"] if has_checkpoint else None  # the step the checkpoint on disk holds
@@ -652,14 +737,31 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     for batch in loader:
         step = state["step"]
         batch = batch.to(device)
+        visual_tokens.clear()
         with _autocast(device, config.bf16):
             out_ = model(**batch.model_inputs())
         loss = out_.loss  # mean over this process's answer tokens
         local_tokens = batch.num_answer_tokens
         answer_tokens = parallel.sum([local_tokens])[0] if parallel.world > 1 else local_tokens
+        if config.loss_averaging == "question":
+            objective_sum, local_units = question_loss(out_.logits, batch.labels, batch.answer_qa)
+            objective = objective_sum / max(1, local_units)
+        else:
+            objective, local_units = loss, local_tokens
+        units = parallel.sum([local_units])[0] if parallel.world > 1 else local_units
+        # weight so that the gradient DDP averages over processes is that of the mean over all units
+        total = objective * (local_units * parallel.world / units) if parallel.world > 1 else objective
+        token_accuracy: dict[str, float] = {}
+        if config.token_loss:
+            targets = batch.extra["token_targets"]
+            targets = targets[window_layout(batch.image_grid_thw.cpu(), merge, window).window_index].to(device)
+            auxiliary, token_accuracy = module.token_heads(visual_tokens[-1], targets)
+            total = total + config.token_loss * auxiliary
+            window_aux += float(auxiliary.detach())
+            for target, value in token_accuracy.items():
+                window_token_acc[target].append(value)
         optimizer.zero_grad(set_to_none=True)
-        # weight so that the gradient DDP averages over processes is that of the mean over all answer tokens
-        parallel.backward(loss * (local_tokens * parallel.world / answer_tokens) if parallel.world > 1 else loss)
+        parallel.backward(total)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -672,6 +774,7 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
         state["tokens"] = state.get("tokens", 0) + int(tokens)
         state["answer_tokens"] = state.get("answer_tokens", 0) + int(answer_tokens)
         window_loss += loss_sum / answer_tokens if parallel.world > 1 else float(loss.detach())
+        window_objective += float(objective.detach())
         window_correct += int(correct)
         window_total += int(total)
         if progress is not None:
@@ -683,11 +786,17 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
                       "train_acc": window_correct / max(1, window_total), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "stage": curriculum_stage(config, step),
                       "minutes": (time.perf_counter() - start_wall) / 60}
+            if config.loss_averaging != "token":
+                record["objective"] = window_objective / n      # this process's mean-over-questions loss
+            if config.token_loss:
+                record["token_loss"] = window_aux / n
+                record["token_acc"] = {t: sum(v) / len(v) for t, v in sorted(window_token_acc.items())}
             log.write(record)
             if progress is not None:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.2f}",
                                      stage=record["stage"])
             window_loss, window_correct, window_total = 0.0, 0, 0
+            window_objective, window_aux, window_token_acc = 0.0, 0.0, defaultdict(list)
         if eval_set and (state["step"] % config.eval_every == 0 or state["step"] == config.total_steps):
             record = {"step": state["step"], "samples": state["samples"], **evaluate_teacher_forced(module, eval_set, device, config.bf16)}
             log.write(record)
@@ -734,7 +843,12 @@ def export_model(model, tokenizer_dir: str | Path, directory: str | Path) -> Pat
         if "<|im_end|>" in ids:
             generation.eos_token_id = ids["<|im_end|>"]
         generation.pad_token_id = 0
-        model.save_pretrained(directory, safe_serialization=True)
+        scaffolding = model._modules.pop("token_heads", None)   # training-only heads are not the model's
+        try:
+            model.save_pretrained(directory, safe_serialization=True)
+        finally:
+            if scaffolding is not None:
+                model.token_heads = scaffolding
     for item in Path(tokenizer_dir).iterdir():
         if item.name in TOKENIZER_FILES:
             shutil.copy2(item, directory / item.name)

@@ -1,0 +1,198 @@
+"""What the tiny model's visual tokens encode: linear and small-MLP probes on frozen features.
+
+For held-out :class:`~navil_utils.tiny.synthetic.SyntheticVQA` images, every shape and every character of a
+rendered text is matched to the visual token of the full-resolution scale that covers its centre (a merged
+token covers ``patch × merge`` = 32 × 32 px there). Its features are read at four places:
+
+* ``pixels`` — the raw pixels of that token's 32 × 32 region (what any encoder starts from);
+* ``vit`` — the ViT's output for the token's 2 × 2 patch block, pixel-shuffled (the connector's input);
+* ``llm_input`` — the connector's output: the visual token the LLM reads;
+* ``random_vit`` — ``vit`` of a randomly initialised model of the same configuration (the control: what
+  architecture alone, without training, makes readable).
+
+Probed targets: a shape's ``kind`` and ``color``, and a character's ``glyph``. A probe is fitted on the objects
+of the first images and scored on the others (split by image), so a probe cannot memorise an image.
+
+    records = probe_records(model, tokenizer, SyntheticVQA(11), range(600))
+    table = probe_table(records)           # accuracy per (target, feature, probe) with chance and counts
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from navil_utils.analysis.attention import TokenLayout
+from navil_utils.errors import ConfigError
+from navil_utils.tiny.synthetic import SyntheticVQA
+from navil_utils.tiny.token_targets import TOKEN_TARGETS, object_points, target_classes, token_at
+
+#: Where features are read (see the module docstring).
+FEATURE_SITES = ("pixels", "vit", "llm_input", "random_vit")
+#: What is probed (shapes: kind and colour; characters: glyph).
+PROBE_TARGETS = TOKEN_TARGETS
+
+
+@dataclass
+class ProbeRecords:
+    """Features and labels of probed objects: ``features[site]`` ``(N, D_site)`` float32, ``labels[target]``
+    ``(N,)`` class index or -1 where the target does not apply (a character has no kind), ``image`` ``(N,)``
+    the sample index of each object, ``classes[target]`` the class names."""
+
+    features: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+    image: torch.Tensor
+    classes: dict[str, tuple[str, ...]]
+
+
+def _random_twin(model: Any, seed: int) -> Any:
+    """A model of the same configuration with freshly initialised weights (``seed``)."""
+    torch.manual_seed(seed)
+    twin = type(model)(copy.deepcopy(model.config))
+    twin.set_special_token_ids(dict(model.special_token_ids))
+    return twin.eval()
+
+
+@torch.no_grad()
+def probe_records(model: Any, tokenizer: Any, data: SyntheticVQA, indices: Iterable[int], *,
+                  random_seed: int = 0) -> ProbeRecords:
+    """Features at :data:`FEATURE_SITES` and labels of every shape and character of ``data[i]`` for ``i`` in
+    ``indices`` (see the module docstring). ``random_seed`` initialises the ``random_vit`` control."""
+    from navil_utils.processing.processor import pixel_budget
+    from navil_utils.tiny.data import TinyCollator
+
+    budget = pixel_budget(model.config)
+    collator = TinyCollator(tokenizer, min_pixels=budget["min_pixels"], max_pixels=budget["max_pixels"])
+    patch, merge = model.config.vision_config.patch_size, collator.merge_size
+    window = model.config.vision_config.window_size
+    twin = _random_twin(model, random_seed)
+    model.eval()
+    classes = target_classes(data.config)
+    features: dict[str, list[torch.Tensor]] = {site: [] for site in FEATURE_SITES}
+    labels: dict[str, list[int]] = {target: [] for target in PROBE_TARGETS}
+    images: list[int] = []
+    for index in indices:
+        sample = data.sample(int(index))
+        encoded = collator.encode(sample, with_answers=False)
+        grid = encoded.image_grid_thw
+        if grid.shape[0] == 0:
+            raise ConfigError(f"sample {index} has no image scale")
+        _, grid_h, grid_w = (int(v) for v in grid[-1])
+        width, height = sample.size
+        if (grid_h * patch, grid_w * patch) != (height, width):
+            raise ConfigError(f"the full-resolution scale of sample {index} is resized ({grid_w * patch}x"
+                              f"{grid_h * patch} for a {width}x{height} image): raise the model's max_pixels")
+        layout = TokenLayout.build(torch.tensor(encoded.input_ids), grid, dict(model.special_token_ids),
+                                   merge_size=merge, window_size=window)
+        last = (layout.scale == grid.shape[0] - 1) & (layout.visual_index >= 0)
+        token_index = {(int(r), int(c)): int(v) for r, c, v in zip(layout.row[last], layout.col[last],
+                                                                     layout.visual_index[last], strict=True)}
+        trained = model.get_vision_outputs(encoded.pixel_values.to(model.dtype), grid)
+        control = twin.get_vision_outputs(encoded.pixel_values.to(twin.dtype), grid)
+        pixels = torch.from_numpy(np.asarray(sample.image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+        rows, cols = grid_h // merge, grid_w // merge
+        side = patch * merge
+        for targets, x, y in object_points(sample.objects):
+            row, col = token_at(x, y, width, height, rows, cols)
+            visual = token_index[(row, col)]
+            features["pixels"].append(pixels[row * side:(row + 1) * side, col * side:(col + 1) * side].reshape(-1))
+            features["vit"].append(trained.pixel_shuffled[visual].float())
+            features["llm_input"].append(trained.features[visual].float())
+            features["random_vit"].append(control.pixel_shuffled[visual].float())
+            for target in PROBE_TARGETS:
+                value = targets[target]
+                labels[target].append(-1 if value is None else classes[target].index(value))
+            images.append(int(index))
+    if not images:
+        raise ConfigError("the samples hold no object to probe")
+    return ProbeRecords(features={site: torch.stack(rows) for site, rows in features.items()},
+                        labels={target: torch.tensor(values) for target, values in labels.items()},
+                        image=torch.tensor(images), classes=classes)
+
+
+def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+              n_classes: int, *, hidden: int = 0, epochs: int = 300, weight_decay: float = 1e-3,
+              seed: int = 0) -> float:
+    """Held-out accuracy of a probe fitted on standardised ``train_x`` ``(N, D)``: linear (``hidden=0``) or one
+    hidden ReLU layer of ``hidden`` units; full-batch Adam for ``epochs`` steps, deterministic for ``seed``."""
+    if len(train_y) == 0 or len(test_y) == 0:
+        raise ConfigError("a probe needs training and test objects")
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        dim = train_x.shape[1]
+        probe = nn.Linear(dim, n_classes) if hidden == 0 else nn.Sequential(
+            nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(probe(train_x), train_y).backward()
+            optimizer.step()
+    with torch.no_grad():
+        return float((probe(test_x).argmax(-1) == test_y).float().mean())
+
+
+def probe_table(records: ProbeRecords, *, sites: Sequence[str] = FEATURE_SITES, hidden: Sequence[int] = (0, 256),
+                train_fraction: float = 0.7, epochs: int = 300, seed: int = 0):
+    """Held-out probe accuracy per target × feature site × probe (``linear`` or ``mlp{hidden}``), with chance
+    (the most frequent training class) and the object counts — a ``pandas.DataFrame``."""
+    import pandas as pd
+
+    unknown = set(sites) - set(records.features)
+    if unknown:
+        raise ConfigError(f"unknown feature sites {sorted(unknown)}; known: {sorted(records.features)}")
+    images = torch.unique(records.image)
+    cut = images[int(train_fraction * len(images))] if len(images) > 1 else images[0] + 1
+    rows = []
+    for target in PROBE_TARGETS:
+        labels = records.labels[target]
+        keep = labels >= 0
+        train, test = keep & (records.image < cut), keep & (records.image >= cut)
+        if int(train.sum()) == 0 or int(test.sum()) == 0:
+            continue
+        counts = torch.bincount(labels[train], minlength=len(records.classes[target]))
+        chance = float((labels[test] == counts.argmax()).float().mean())
+        for site in sites:
+            x = records.features[site]
+            for width in hidden:
+                accuracy = fit_probe(x[train], labels[train], x[test], labels[test], len(records.classes[target]),
+                                     hidden=width, epochs=epochs, seed=seed)
+                rows.append({"target": target, "features": site, "probe": "linear" if width == 0 else f"mlp{width}",
+                             "accuracy": accuracy, "chance": chance, "train": int(train.sum()),
+                             "test": int(test.sum())})
+    return pd.DataFrame(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m navil_utils.tiny.probes --model DIR --out FILE.csv``: the probe table of a checkpoint."""
+    import argparse
+
+    import navil_utils
+
+    parser = argparse.ArgumentParser(prog="python -m navil_utils.tiny.probes", description=main.__doc__)
+    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--out", required=True, help="CSV file to write")
+    parser.add_argument("--data-seed", type=int, default=11, help="SyntheticVQA seed of the probed images")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    navil_utils.setup_notebook(seed=0, threads=args.threads)
+    model, tokenizer = navil_utils.load_chat_model(args.model)
+    records = probe_records(model, tokenizer, SyntheticVQA(args.data_seed), range(args.images))
+    table = probe_table(records, epochs=args.epochs)
+    table.insert(0, "model", args.model)
+    table.to_csv(args.out, index=False, float_format="%.4f")
+    print(table.pivot_table(index=["target", "probe"], columns="features", values="accuracy").round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()

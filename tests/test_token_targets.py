@@ -1,0 +1,183 @@
+"""Dense per-token targets of the synthetic task, the training levers that use them (auxiliary token loss,
+per-question loss averaging, connector init scale) and the frozen-feature probes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import navil_utils
+from navil_utils.analysis.attention import TokenLayout
+from navil_utils.errors import ConfigError
+from navil_utils.models import load_model
+from navil_utils.paths import repo_root
+from navil_utils.processing.processor import pixel_budget
+from navil_utils.tiny.data import TinyCollator
+from navil_utils.tiny.probes import fit_probe, probe_records, probe_table
+from navil_utils.tiny.synthetic import SceneObject, SyntheticVQA
+from navil_utils.tiny.token_targets import (
+    IGNORE_INDEX,
+    TOKEN_TARGETS,
+    character_centres,
+    object_points,
+    target_classes,
+    token_at,
+    token_targets,
+    window_order,
+)
+from navil_utils.tiny.train import TrainConfig, question_loss, train
+
+from test_tiny_train import micro_config
+
+TINY = repo_root() / "data/models/navil-tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return navil_utils.load_chat_model(str(TINY))
+
+
+def test_character_centres_split_the_ink_box_in_reading_order():
+    obj = SceneObject("text", "black", (10, 20, 70, 40), "center", 26, "AXE")
+    centres = character_centres(obj)
+    assert [c for c, _, _ in centres] == ["A", "X", "E"]
+    xs = [x for _, x, _ in centres]
+    assert 10 < xs[0] < xs[1] < xs[2] < 70 and all(y == 30 for _, _, y in centres)
+    with pytest.raises(ConfigError, match="text object"):
+        character_centres(SceneObject("circle", "red", (0, 0, 9, 9), "center", 9))
+
+
+def test_token_at_covers_the_image():
+    assert token_at(0, 0, 128, 64, 2, 4) == (0, 0)
+    assert token_at(127.9, 63.9, 128, 64, 2, 4) == (1, 3)
+    assert token_at(128, 64, 128, 64, 2, 4) == (1, 3)          # the far edge belongs to the last token
+    assert token_at(40, 10, 128, 64, 2, 4) == (0, 1)
+
+
+def test_targets_follow_the_models_visual_token_order(tiny):
+    """Every object's classes sit at the visual token TokenLayout places at the object's centre."""
+    model, tokenizer = tiny
+    data = SyntheticVQA(5)
+    classes = target_classes(data.config)
+    budget = pixel_budget(model.config)
+    collator = TinyCollator(tokenizer, min_pixels=budget["min_pixels"], max_pixels=budget["max_pixels"],
+                            token_target_classes=classes)
+    merge, window = model.config.merge_size, model.config.vision_config.window_size
+    checked = 0
+    for index in range(12):
+        sample = data.sample(index)
+        encoded = collator.encode(sample)
+        grid = encoded.image_grid_thw
+        slots = window_order(encoded.token_targets, grid, merge_size=merge, window_size=window)
+        layout = TokenLayout.build(torch.tensor(encoded.input_ids), grid, dict(model.special_token_ids),
+                                   merge_size=merge, window_size=window)
+        width, height = sample.size
+        for scale, (_, h, w) in enumerate(grid.tolist()):
+            on_scale = (layout.scale == scale) & (layout.visual_index >= 0)
+            where = {(int(r), int(c)): int(v) for r, c, v in zip(layout.row[on_scale], layout.col[on_scale],
+                                                                 layout.visual_index[on_scale], strict=True)}
+            hits = {}
+            for names, x, y in object_points(sample.objects):
+                hits[token_at(x, y, width, height, h // merge, w // merge)] = names   # the later object wins
+            for (row, col), names in hits.items():
+                expected = [IGNORE_INDEX if names[t] is None else classes[t].index(names[t]) for t in TOKEN_TARGETS]
+                assert slots[where[(row, col)]].tolist() == expected
+                checked += 1
+            labelled = int((slots[list(where.values())] != IGNORE_INDEX).any(-1).sum())
+            assert labelled == len(hits)                                   # no other token has a target
+    assert checked > 50
+
+
+def test_batches_carry_the_targets_of_all_their_tokens(tiny):
+    model, tokenizer = tiny
+    data = SyntheticVQA(5)
+    collator = TinyCollator(tokenizer, token_target_classes=target_classes(data.config))
+    batch = collator([data.sample(i) for i in range(3)])
+    tokens = int((batch.input_ids == model.special_token_ids["<IMG_CONTEXT>"]).sum())
+    assert batch.extra["token_targets"].shape == (tokens, 3)
+    assert "token_targets" not in TinyCollator(tokenizer)([data.sample(0)]).extra
+
+
+def test_question_loss_averages_each_qa_first():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.full((2, 6), -100)
+    answer_qa = torch.full((2, 6), -1)
+    labels[0, 2:5], answer_qa[0, 2:5] = torch.tensor([1, 2, 3]), 0       # QA 0: three tokens
+    labels[1, 3], answer_qa[1, 3] = 4, 1                                 # QA 1: one token
+    total, count = question_loss(logits, labels, answer_qa)
+    nll = torch.nn.functional.cross_entropy
+    qa0 = nll(logits[0, 1:4], labels[0, 2:5])
+    qa1 = nll(logits[1, 2:3], labels[1, 3:4])
+    assert count == 2
+    torch.testing.assert_close(total, qa0 + qa1)
+    token_mean = nll(torch.cat([logits[0, 1:4], logits[1, 2:3]]), torch.cat([labels[0, 2:5], labels[1, 3:4]]))
+    assert not torch.allclose(total / count, token_mean)                 # the two averages differ
+
+
+@pytest.mark.parametrize(("option", "value"), [("loss_averaging", "sample"), ("token_loss", -1.0),
+                                               ("connector_init_scale", 0.0)])
+def test_bad_training_levers_are_refused(tmp_path, option, value):
+    with pytest.raises(ConfigError, match=option):
+        micro_config(tmp_path, **{option: value}).validate()
+    with pytest.raises(ConfigError, match="token_loss"):
+        TrainConfig(architecture="nvlm_d", token_loss=0.5).validate()
+
+
+def test_training_with_the_levers_logs_token_accuracy_and_exports_a_plain_model(tmp_path):
+    out = tmp_path / "run"
+    train(micro_config(out, total_steps=4, token_loss=0.5, loss_averaging="question", connector_init_scale=0.25,
+                       qa_packing="isolated", extra_qas=2))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all({"token_loss", "token_acc", "objective"} <= set(r) for r in records)
+    assert set(records[-1]["token_acc"]) <= set(TOKEN_TARGETS) and records[-1]["token_acc"]
+    exported = load_model(out / "final")                                 # strict: no scaffolding keys
+    assert not hasattr(exported, "token_heads")
+    assert not any(k.startswith("token_heads") for k in exported.state_dict())
+
+
+def test_token_loss_runs_resume_bit_for_bit(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    options = dict(token_loss=0.5, loss_averaging="question")
+    train(micro_config(straight, **options))
+    train(micro_config(resumed, **options), _simulate_kill_after=3)
+    train(micro_config(resumed, **options))
+    a = load_model(straight / "final").state_dict()
+    b = load_model(resumed / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_connector_init_scale_scales_the_last_connector_layer(tmp_path):
+    from navil_utils.tiny.train import _tokenizer_for, build_model
+
+    plain_config = micro_config(tmp_path)
+    tokenizer, _ = _tokenizer_for(plain_config)
+    plain = build_model(plain_config, tokenizer)
+    scaled = build_model(micro_config(tmp_path, connector_init_scale=0.25), tokenizer)
+    torch.testing.assert_close(scaled.mlp1[-1].weight, 0.25 * plain.mlp1[-1].weight)
+    torch.testing.assert_close(scaled.mlp1[1].weight, plain.mlp1[1].weight)
+
+
+def test_probes_separate_what_is_separable():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=generator)
+    informative = torch.nn.functional.one_hot(labels, 4).float() + 0.1 * torch.randn(400, 4, generator=generator)
+    noise = torch.randn(400, 8, generator=generator)
+    assert fit_probe(informative[:300], labels[:300], informative[300:], labels[300:], 4) == 1.0
+    assert fit_probe(noise[:300], labels[:300], noise[300:], labels[300:], 4) < 0.45
+
+
+def test_probe_records_of_the_embedded_model(tiny):
+    model, tokenizer = tiny
+    records = probe_records(model, tokenizer, SyntheticVQA(11), range(30))
+    n = records.image.numel()
+    assert {site: tuple(f.shape) for site, f in records.features.items()} == {
+        "pixels": (n, 3 * 32 * 32), "vit": (n, 4 * model.config.vision_config.hidden_size),
+        "llm_input": (n, model.config.llm_config.hidden_size), "random_vit": (n, 4 * model.config.vision_config.hidden_size)}
+    shapes = records.labels["kind"] >= 0
+    assert bool((records.labels["color"][shapes] >= 0).all()) and bool((records.labels["glyph"][shapes] < 0).all())
+    table = probe_table(records, sites=("llm_input",), hidden=(0,), epochs=50)
+    assert set(table["target"]) == {"kind", "color", "glyph"}
+    colour = table[table.target == "color"].accuracy.item()
+    assert colour > 0.6                          # colour is readable from the visual tokens (chance ~0.17)
