@@ -181,3 +181,22 @@ def test_probe_records_of_the_embedded_model(tiny):
     assert set(table["target"]) == {"kind", "color", "glyph"}
     colour = table[table.target == "color"].accuracy.item()
     assert colour > 0.6                          # colour is readable from the visual tokens (chance ~0.17)
+
+
+def test_the_last_checkpoint_of_a_run_exports_as_a_plain_model(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from navil_utils.tiny.train import main
+
+    run = tmp_path / "run"
+    train(micro_config(run, token_loss=0.5), _simulate_kill_after=3)      # checkpoint at step 2, no final model
+    assert main(["--out", str(run), "--export-checkpoint", str(tmp_path / "exported")]) == 0
+    assert "exported step 2" in capsys.readouterr().out
+    exported = load_model(tmp_path / "exported")                          # strict: no token_heads keys
+    saved = load_file(run / "checkpoint" / "model.safetensors")
+    assert any(k.startswith("token_heads.") for k in saved)
+    state = exported.state_dict()
+    assert all(torch.equal(state[k], saved[k]) for k in state)
+    assert json.loads((tmp_path / "exported" / "trainer_step.json").read_text())["step"] == 2
+    assert main(["--out", str(tmp_path / "nothing"), "--export-checkpoint", str(tmp_path / "x")]) == 1
+    assert "holds no checkpoint" in capsys.readouterr().err

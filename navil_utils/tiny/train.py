@@ -602,8 +602,9 @@ class DataParallel:
 
 
 class TokenHeads(torch.nn.Module):
-    """Linear heads on the visual tokens the LLM reads, one per :data:`~navil_utils.tiny.token_targets.TOKEN_TARGETS`
-    target: training scaffolding of ``TrainConfig.token_loss`` (saved in checkpoints, never exported)."""
+    """Linear heads on the visual tokens the LLM reads (RMS-normalised first), one per
+    :data:`~navil_utils.tiny.token_targets.TOKEN_TARGETS` target: training scaffolding of ``TrainConfig.token_loss``
+    (saved in checkpoints, never exported)."""
 
     def __init__(self, hidden: int, classes: dict[str, tuple[str, ...]]) -> None:
         super().__init__()
@@ -621,12 +622,50 @@ class TokenHeads(torch.nn.Module):
             keep = labels >= 0
             if not bool(keep.any()):
                 continue
-            logits = self.heads[target](tokens[keep].float())
+            features = tokens[keep].float()
+            # unit RMS: the heads read the tokens' direction, so they learn at the same pace whatever the tokens'
+            # scale (they start ~0.1x a text embedding's norm with connector_init_scale=0.125)
+            features = torch.nn.functional.rms_norm(features, features.shape[-1:], eps=1e-6)
+            logits = self.heads[target](features)
             losses.append(torch.nn.functional.cross_entropy(logits, labels[keep]))
             accuracy[target] = float((logits.detach().argmax(-1) == labels[keep]).float().mean())
         if not losses:
             return tokens.sum() * 0.0, accuracy
         return torch.stack(losses).mean(), accuracy
+
+
+def _attach_token_heads(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Give ``model`` the :class:`TokenHeads` of ``config.token_loss`` (seeded by ``config.seed + 1``)."""
+    from navil_utils.tiny.synthetic import SyntheticConfig
+    from navil_utils.tiny.token_targets import target_classes
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        model.token_heads = TokenHeads(model.config.llm_config.hidden_size,
+                                       target_classes(SyntheticConfig(**config.data)))
+
+
+def export_checkpoint(run: str | Path, directory: str | Path) -> Path:
+    """Export the last checkpoint of run directory ``run`` (finished, stopped or still running: only read) as a
+    loadable model in ``directory`` — the weights a resumed run would start from, without training scaffolding.
+    Returns ``directory``; the step exported is written to ``directory/trainer_step.json``."""
+    run = Path(run)
+    config_path, checkpoint = run / "train_config.json", run / "checkpoint"
+    if not config_path.exists() or not (checkpoint / "model.safetensors").exists():
+        from navil_utils.errors import CheckpointNotFoundError
+
+        raise CheckpointNotFoundError(f"{run} holds no checkpoint to export (need {config_path} and "
+                                      f"{checkpoint / 'model.safetensors'})")
+    config = TrainConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8"))).validate()
+    tokenizer, tokenizer_dir = _tokenizer_for(config)
+    model = build_model(config, tokenizer)
+    if config.token_loss:
+        _attach_token_heads(model, config)
+    load_weights(checkpoint / "model.safetensors", model)
+    step = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+    directory = export_model(model.eval(), tokenizer_dir, directory)
+    (directory / "trainer_step.json").write_text(json.dumps({"run": str(run), "step": int(step)}) + "\n")
+    return directory
 
 
 def question_loss(logits: torch.Tensor, labels: torch.Tensor, answer_qa: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -670,13 +709,8 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     visual_tokens: list[torch.Tensor] = []
     if config.token_loss:  # heads built after init_from (its checkpoint has none), before a checkpoint is loaded
         from navil_utils.models.vision import window_layout
-        from navil_utils.tiny.synthetic import SyntheticConfig
-        from navil_utils.tiny.token_targets import target_classes
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed + 1)
-            model.token_heads = TokenHeads(model.config.llm_config.hidden_size,
-                                           target_classes(SyntheticConfig(**config.data)))
+        _attach_token_heads(model, config)
         model.mlp1.register_forward_hook(lambda _module, _inputs, output: visual_tokens.append(output))
         merge, window = model.config.merge_size, model.config.vision_config.window_size
     model = model.to(device)
@@ -876,7 +910,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=positive_float, default=None, help="minutes before checkpoint-and-stop")
     parser.add_argument("--ship", default=None, help="copy the final model to this directory when training ends")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--export-checkpoint", default=None, metavar="DIR",
+                        help="do not train: export the last checkpoint of --out to DIR as a loadable model")
     args = parser.parse_args(argv)
+    if args.export_checkpoint:
+        try:
+            exported = export_checkpoint(args.out, args.export_checkpoint)
+        except (NaViLError, OSError) as error:
+            return report_error(PROG, error)
+        print(f"exported step {json.loads((exported / 'trainer_step.json').read_text())['step']} of {args.out} "
+              f"-> {exported}")
+        return 0
     values: dict[str, Any] = {}
     if args.config:
         try:
