@@ -14,7 +14,7 @@ PIP_FLAGS   ?= --disable-pip-version-check --quiet
 # `make CONSTRAINTS= run` lifts the pins.
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: run test unit nbval lab lab-check train-tiny-small-encoder venv clean-venv train-tiny check-portable constraints help
+.PHONY: run test unit nbval lab lab-check train-tiny-small-encoder train-tiny-gen2 venv clean-venv train-tiny check-portable constraints help
 
 help:
 	@echo "make run    - set up .venv if needed, execute every notebook, regenerate figures/"
@@ -24,6 +24,7 @@ help:
 	@echo "make check-portable - re-run notebooks + nbval under other CPU kernel sets / thread counts (~10 min)"
 	@echo "make train-tiny - reproduce the embedded tiny NaViL from scratch (hours on CPU)"
 	@echo "make train-tiny-small-encoder - the same recipe with a 7.4x smaller vision encoder (~2 h on 2 CPU cores)"
+	@echo "make train-tiny-gen2 - the second-generation recipe in progress (token loss, per-question loss; about 3 h on 2 idle CPU cores)"
 
 venv: $(STAMP)
 
@@ -88,6 +89,12 @@ train-tiny: $(STAMP)
 train-tiny-small-encoder: $(STAMP)
 	$(PY) -m navil_utils.train --out runs/navil-tiny-small-encoder/stage1 --config configs/attention/small_encoder_stage1.json $(TRAIN_ARGS)
 	$(PY) -m navil_utils.train --out runs/navil-tiny-small-encoder/stage2 --config configs/attention/small_encoder_stage2.json $(TRAIN_ARGS)
+
+# The second-generation recipe (configs/README.md): the embedded recipe plus the auxiliary per-token loss,
+# per-question loss averaging and a down-scaled connector init. Resumable like every run.
+train-tiny-gen2: $(STAMP)
+	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2/stage1 --config configs/tiny_gen2_stage1.json $(TRAIN_ARGS)
+	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2/stage2 --config configs/tiny_gen2_stage2.json $(TRAIN_ARGS)
 
 # Re-pin constraints.txt to what .venv has now (after deliberately upgrading a dependency).
 constraints: $(STAMP)
