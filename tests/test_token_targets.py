@@ -12,7 +12,6 @@ from navil_utils.analysis.attention import TokenLayout
 from navil_utils.errors import ConfigError
 from navil_utils.models import load_model
 from navil_utils.paths import repo_root
-from navil_utils.processing.processor import pixel_budget
 from navil_utils.tiny.data import TinyCollator
 from navil_utils.tiny.probes import fit_probe, probe_records, probe_table
 from navil_utils.tiny.synthetic import SceneObject, SyntheticVQA
@@ -23,7 +22,6 @@ from navil_utils.tiny.token_targets import (
     object_points,
     target_classes,
     token_at,
-    token_targets,
     window_order,
 )
 from navil_utils.tiny.train import TrainConfig, question_loss, train
@@ -60,9 +58,7 @@ def test_targets_follow_the_models_visual_token_order(tiny):
     model, tokenizer = tiny
     data = SyntheticVQA(5)
     classes = target_classes(data.config)
-    budget = pixel_budget(model.config)
-    collator = TinyCollator(tokenizer, min_pixels=budget["min_pixels"], max_pixels=budget["max_pixels"],
-                            token_target_classes=classes)
+    collator = TinyCollator.from_model_config(model.config, tokenizer, token_target_classes=classes)
     merge, window = model.config.merge_size, model.config.vision_config.window_size
     checked = 0
     for index in range(12):

@@ -190,8 +190,6 @@ def answer_log_loss(model, tokenizer, samples, *, batch_size: int = 50) -> list[
     flat answers, see :func:`blind_answer_nll`), so ``blind − nll`` is what the image tells the model.
     Works for NaViL (its training collator, the model's pixel budget) and the tiny NVLM-D (tiles).
     """
-    from navil_utils.models.presets import TINY_SYSTEM_MESSAGE
-    from navil_utils.processing.processor import pixel_budget
     from navil_utils.tiny.data import TiledCollator, TinyCollator
 
     if not samples:
@@ -199,9 +197,7 @@ def answer_log_loss(model, tokenizer, samples, *, batch_size: int = 50) -> list[
     if is_nvlm_d(model):
         collator = TiledCollator.from_model_config(model.config, tokenizer)
     else:
-        budget = pixel_budget(model.config)
-        collator = TinyCollator(tokenizer, min_pixels=budget["min_pixels"], max_pixels=budget["max_pixels"],
-                                system_message=getattr(model.config, "system_message", None) or TINY_SYSTEM_MESSAGE)
+        collator = TinyCollator.from_model_config(model.config, tokenizer)
     device = next(model.parameters()).device
     records = []
     model.eval()

@@ -63,11 +63,9 @@ def probe_records(model: Any, tokenizer: Any, data: SyntheticVQA, indices: Itera
                   random_seed: int = 0) -> ProbeRecords:
     """Features at :data:`FEATURE_SITES` and labels of every shape and character of ``data[i]`` for ``i`` in
     ``indices`` (see the module docstring). ``random_seed`` initialises the ``random_vit`` control."""
-    from navil_utils.processing.processor import pixel_budget
     from navil_utils.tiny.data import TinyCollator
 
-    budget = pixel_budget(model.config)
-    collator = TinyCollator(tokenizer, min_pixels=budget["min_pixels"], max_pixels=budget["max_pixels"])
+    collator = TinyCollator.from_model_config(model.config, tokenizer)
     patch, merge = model.config.vision_config.patch_size, collator.merge_size
     window = model.config.vision_config.window_size
     twin = _random_twin(model, random_seed)
