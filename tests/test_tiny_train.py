@@ -169,6 +169,7 @@ def test_data_parallel_run_under_accelerate_launch_matches_one_process(tmp_path)
     """Two CPU processes under ``accelerate launch`` (gloo) split each batch and make the single-process
     updates: the same tokens, losses and weights up to float32 round-off."""
     import os
+    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -182,7 +183,11 @@ def test_data_parallel_run_under_accelerate_launch_matches_one_process(tmp_path)
                              str(config)], capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     launcher = Path(sys.executable).with_name("accelerate")
+    with socket.socket() as probe:      # a free rendezvous port: a stray process on the default 29500 cannot block it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     parallel = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                               "--main_process_port", str(port),
                                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "navil_utils.train",
                                "--out", str(tmp_path / "two"), "--config", str(config)],
                               capture_output=True, text=True, env=env, timeout=300)
