@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from test_tiny_train import MICRO_MODEL, micro_config
 
 import navil_utils
 from navil_utils.analysis.attention import TokenLayout
@@ -13,6 +14,7 @@ from navil_utils.errors import ConfigError
 from navil_utils.models import load_model
 from navil_utils.paths import repo_root
 from navil_utils.tiny.data import TinyCollator
+from navil_utils.tiny.objectives import question_loss
 from navil_utils.tiny.probes import fit_probe, probe_records, probe_table
 from navil_utils.tiny.synthetic import SceneObject, SyntheticVQA
 from navil_utils.tiny.token_targets import (
@@ -24,9 +26,7 @@ from navil_utils.tiny.token_targets import (
     token_at,
     window_order,
 )
-from navil_utils.tiny.train import TrainConfig, question_loss, train
-
-from test_tiny_train import micro_config
+from navil_utils.tiny.train import TrainConfig, train
 
 TINY = repo_root() / "data/models/navil-tiny"
 
@@ -53,9 +53,25 @@ def test_token_at_covers_the_image():
     assert token_at(40, 10, 128, 64, 2, 4) == (0, 1)
 
 
-def test_targets_follow_the_models_visual_token_order(tiny):
+def _fine_encoder_model(tokenizer):
+    """A randomly initialised tiny NaViL with 8-px patches merged 4 × 4 (one LLM token still shows 32 × 32 px)."""
+    from navil_utils.models.configuration_navil import NaViLChatConfig
+    from navil_utils.models.modeling_navil import NaViLForConditionalGeneration
+    from navil_utils.models.presets import tiny_model_config
+    from navil_utils.processing.tokenizers import navil_token_ids
+
+    config = tiny_model_config(len(tokenizer), navil_token_ids(tokenizer), patch_size=8, merge_size=4,
+                               **{k: v for k, v in MICRO_MODEL.items() if k.startswith("vit")})
+    return NaViLForConditionalGeneration(NaViLChatConfig(**config))
+
+
+@pytest.mark.parametrize("encoder", ["shipped", "patch8_merge4"])
+def test_targets_follow_the_models_visual_token_order(tiny, encoder):
     """Every object's classes sit at the visual token TokenLayout places at the object's centre."""
     model, tokenizer = tiny
+    if encoder == "patch8_merge4":
+        model = _fine_encoder_model(tokenizer)
+        assert (model.config.vision_config.patch_size, model.config.merge_size) == (8, 4)
     data = SyntheticVQA(5)
     classes = target_classes(data.config)
     collator = TinyCollator.from_model_config(model.config, tokenizer, token_target_classes=classes)
@@ -131,6 +147,33 @@ def test_training_with_the_levers_logs_token_accuracy_and_exports_a_plain_model(
     exported = load_model(out / "final")                                 # strict: no scaffolding keys
     assert not hasattr(exported, "token_heads")
     assert not any(k.startswith("token_heads") for k in exported.state_dict())
+
+
+def test_a_fine_patch_encoder_trains_and_its_collator_follows_the_checkpoint(tmp_path):
+    """patch_size / merge_size given as model options reach the training batches, the exported config and the
+    collator rebuilt from that config (evaluation and probes)."""
+    from navil_utils.processing.tokenizers import navil_token_ids
+    from navil_utils.tiny.train import StepBatches, _tokenizer_for
+
+    out = tmp_path / "run"
+    config = micro_config(out, total_steps=2, token_loss=0.5,
+                          model={**MICRO_MODEL, "patch_size": 8, "merge_size": 4})
+    tokenizer, _ = _tokenizer_for(config)
+    batch = StepBatches(config, tokenizer)[0]
+    assert batch.pixel_values.shape[1:] == (3, 8, 8)
+    grid = batch.image_grid_thw
+    visual = int((batch.input_ids == navil_token_ids(tokenizer)["<IMG_CONTEXT>"]).sum())
+    assert visual == int((grid[:, 1] * grid[:, 2]).sum()) // 16 == batch.extra["token_targets"].shape[0]
+    train(config)
+    model = load_model(out / "final")
+    assert (model.config.vision_config.patch_size, model.config.merge_size) == (8, 4)
+    assert model.mlp1[1].in_features == 16 * MICRO_MODEL["vit_width"]
+    collator = TinyCollator.from_model_config(model.config, tokenizer)
+    assert (collator.preprocess_kwargs["patch_size"], collator.merge_size) == (8, 4)
+    again = collator([SyntheticVQA(1).sample(0)])
+    assert again.pixel_values.shape[1:] == (3, 8, 8)
+    with torch.no_grad():
+        assert torch.isfinite(model(**again.model_inputs()).logits).all()
 
 
 def test_token_loss_runs_resume_bit_for_bit(tmp_path):

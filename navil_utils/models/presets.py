@@ -181,7 +181,7 @@ TINY_SYSTEM_MESSAGE = "You answer questions about images."
 def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None = None, *,
                       vit_width: int = 128, vit_layers: int = 4, vit_heads: int = 4,
                       llm_width: int = 192, llm_layers: int = 4, llm_heads: int = 4, llm_kv_heads: int = 2,
-                      llm_intermediate: int = 512, patch_size: int = 16,
+                      llm_intermediate: int = 512, patch_size: int = 16, merge_size: int = NAVIL_MERGE_SIZE,
                       min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
                       system_message: str | None = None, visual_experts: bool = True) -> dict[str, Any]:
     """The tiny NaViL's ``config.json`` content, in the official NaViL format (Qwen3-VE backbone).
@@ -189,7 +189,9 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
     ``visual_experts=False`` builds a dense LLM instead (one set of weights for every token; an ablation,
     not a NaViL): its ``llm_config`` then carries ``"visual_experts": false``.
 
-    ``min_dynamic_patch``/``max_dynamic_patch`` encode the pixel budget in units of ``patch_size²``.
+    ``min_dynamic_patch``/``max_dynamic_patch`` encode the pixel budget in units of ``patch_size²``;
+    ``merge_size`` is the pixel-shuffle block side (``downsample_ratio = 1 / merge_size``): one LLM token shows
+    ``(patch_size · merge_size)²`` pixels.
     """
     if max_pixels % (patch_size * patch_size) or min_pixels % (patch_size * patch_size):
         raise ConfigError(f"pixel budget {min_pixels}..{max_pixels} must be a multiple of patch_size²")
@@ -197,7 +199,7 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
         "architectures": ["NaViL"],
         "model_type": "navil_chat",
         "template": TINY_TEMPLATE,
-        "downsample_ratio": 1 / NAVIL_MERGE_SIZE,
+        "downsample_ratio": 1 / merge_size,
         "force_image_size": 32,
         "anyres_image_size": True,
         "min_dynamic_patch": min_pixels // (patch_size * patch_size),
@@ -221,7 +223,7 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
             "window_size": NAVIL_WINDOW_SIZE,
             "fullatt_block_indexes": None,
             "image_size": 32,
-            "downsample_ratio": 1 / NAVIL_MERGE_SIZE,
+            "downsample_ratio": 1 / merge_size,
         },
         "llm_config": {
             "architectures": ["Qwen3VEForCausalLM"],

@@ -244,12 +244,12 @@ class TinyCollator:
 
     @classmethod
     def from_model_config(cls, config: Any, tokenizer: Any, **kwargs: Any) -> TinyCollator:
-        """The collator of a NaViL checkpoint's configuration: its pixel budget and system message."""
+        """The collator of a NaViL checkpoint's configuration: its pixel budget (patch and merge size, scale
+        ratio included) and system message."""
         from navil_utils.processing.processor import pixel_budget
 
-        budget = pixel_budget(config)
         kwargs.setdefault("system_message", getattr(config, "system_message", None) or TINY_SYSTEM_MESSAGE)
-        return cls(tokenizer, min_pixels=budget["min_pixels"], max_pixels=budget["max_pixels"], **kwargs)
+        return cls(tokenizer, **pixel_budget(config), **kwargs)
 
     def encode(self, sample: Sample, *, with_answers: bool = True) -> EncodedSample:
         """Token ids, labels and patches of one sample (answers omitted for generation prompts).

@@ -238,7 +238,7 @@ def _text_pretrained_init(run: ScalingRun, out: Path, tokenizer_dir: Path) -> di
     tokenizer = load_tiny_tokenizer(tokenizer_dir)
     config = run.train_config(out, tokenizer_dir)
     model = build_model(config, tokenizer)
-    collator = TinyCollator(tokenizer, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+    collator = TinyCollator.from_model_config(model.config, tokenizer)
     summary = pretrain_language_model(model, collator, samples=run.text_pretrain_samples, seed=run.seed,
                                       lr=run.lr)
     if run.visual_experts:

@@ -49,7 +49,12 @@ from typing import Any
 
 import torch
 
-from navil_utils.constants import TINY_MAX_PIXELS, TINY_MIN_PIXELS
+from navil_utils.constants import (
+    NAVIL_MERGE_SIZE,
+    NAVIL_PATCH_SIZE,
+    TINY_MAX_PIXELS,
+    TINY_MIN_PIXELS,
+)
 from navil_utils.errors import ConfigError, RunDirectoryError
 from navil_utils.models.presets import TINY_SYSTEM_MESSAGE, tiny_model_config
 from navil_utils.tiny.checkpointing import (
@@ -60,6 +65,7 @@ from navil_utils.tiny.checkpointing import (
     save_checkpoint,
     write_atomic,
 )
+from navil_utils.tiny.objectives import attach_token_heads, question_loss
 
 #: Curriculum: ``(start_fraction, {question type: weight})``; a stage runs until the next one starts.
 #: Easy, fast-learning types first (colour, count), then geometry, then text reading, then all mixed.
@@ -286,6 +292,8 @@ class StepBatches(torch.utils.data.Dataset):
 
             classes = target_classes(SyntheticConfig(**config.data))
         self.collator = TinyCollator(tokenizer, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+                                     patch_size=config.model.get("patch_size", NAVIL_PATCH_SIZE),
+                                     merge_size=config.model.get("merge_size", NAVIL_MERGE_SIZE),
                                      qa_packing=config.qa_packing, pad_to_multiple_of=8,
                                      token_target_classes=classes)
 
@@ -601,50 +609,6 @@ class DataParallel:
         return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
 
-class TokenHeads(torch.nn.Module):
-    """Linear heads on the visual tokens the LLM reads (RMS-normalised first), one per
-    :data:`~navil_utils.tiny.token_targets.TOKEN_TARGETS` target: training scaffolding of ``TrainConfig.token_loss``
-    (saved in checkpoints, never exported)."""
-
-    def __init__(self, hidden: int, classes: dict[str, tuple[str, ...]]) -> None:
-        super().__init__()
-        from navil_utils.tiny.token_targets import TOKEN_TARGETS
-
-        self.targets = TOKEN_TARGETS
-        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(hidden, len(classes[t])) for t in TOKEN_TARGETS})
-
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """``tokens`` ``(n, H)``, ``targets`` ``(n, 3)`` (-100 = none) → (mean of the targets' cross-entropies,
-        accuracy per target on the tokens that have one)."""
-        losses, accuracy = [], {}
-        for k, target in enumerate(self.targets):
-            labels = targets[:, k]
-            keep = labels >= 0
-            if not bool(keep.any()):
-                continue
-            features = tokens[keep].float()
-            # unit RMS: the heads read the tokens' direction, so they learn at the same pace whatever the tokens'
-            # scale (they start ~0.1x a text embedding's norm with connector_init_scale=0.125)
-            features = torch.nn.functional.rms_norm(features, features.shape[-1:], eps=1e-6)
-            logits = self.heads[target](features)
-            losses.append(torch.nn.functional.cross_entropy(logits, labels[keep]))
-            accuracy[target] = float((logits.detach().argmax(-1) == labels[keep]).float().mean())
-        if not losses:
-            return tokens.sum() * 0.0, accuracy
-        return torch.stack(losses).mean(), accuracy
-
-
-def _attach_token_heads(model: torch.nn.Module, config: TrainConfig) -> None:
-    """Give ``model`` the :class:`TokenHeads` of ``config.token_loss`` (seeded by ``config.seed + 1``)."""
-    from navil_utils.tiny.synthetic import SyntheticConfig
-    from navil_utils.tiny.token_targets import target_classes
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed + 1)
-        model.token_heads = TokenHeads(model.config.llm_config.hidden_size,
-                                       target_classes(SyntheticConfig(**config.data)))
-
-
 def export_checkpoint(run: str | Path, directory: str | Path) -> Path:
     """Export the last checkpoint of run directory ``run`` (finished, stopped or still running: only read) as a
     loadable model in ``directory`` — the weights a resumed run would start from, without training scaffolding.
@@ -660,26 +624,12 @@ def export_checkpoint(run: str | Path, directory: str | Path) -> Path:
     tokenizer, tokenizer_dir = _tokenizer_for(config)
     model = build_model(config, tokenizer)
     if config.token_loss:
-        _attach_token_heads(model, config)
+        attach_token_heads(model, config.data, config.seed + 1)
     load_weights(checkpoint / "model.safetensors", model)
     step = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"]
     directory = export_model(model.eval(), tokenizer_dir, directory)
     (directory / "trainer_step.json").write_text(json.dumps({"run": str(run), "step": int(step)}) + "\n")
     return directory
-
-
-def question_loss(logits: torch.Tensor, labels: torch.Tensor, answer_qa: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum over QAs of each QA's mean answer-token cross-entropy, and the number of QAs: ``logits`` ``(B, T, V)``
-    predict ``labels`` ``(B, T)`` one position later; ``answer_qa`` ``(B, T)`` numbers each answer token's QA."""
-    target, qa = labels[:, 1:], answer_qa[:, 1:]
-    keep = target >= 0
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
-    index = qa[keep]
-    count = int(index.max()) + 1 if index.numel() else 0
-    sums = nll.new_zeros(count).index_add(0, index, nll)
-    tokens = torch.bincount(index, minlength=count)
-    present = tokens > 0
-    return (sums[present] / tokens[present]).sum(), int(present.sum())
 
 
 def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
@@ -710,7 +660,7 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     if config.token_loss:  # heads built after init_from (its checkpoint has none), before a checkpoint is loaded
         from navil_utils.models.vision import window_layout
 
-        _attach_token_heads(model, config)
+        attach_token_heads(model, config.data, config.seed + 1)
         model.mlp1.register_forward_hook(lambda _module, _inputs, output: visual_tokens.append(output))
         merge, window = model.config.merge_size, model.config.vision_config.window_size
     model = model.to(device)

@@ -1,0 +1,69 @@
+"""Training objectives of the tiny NaViL beyond the model's own next-token loss.
+
+* :class:`TokenHeads` — the auxiliary per-visual-token loss (``TrainConfig.token_loss``): linear heads on the
+  visual tokens the LLM reads predict the kind, colour and glyph of the object each token shows
+  (targets from :mod:`navil_utils.tiny.token_targets`). Training scaffolding: saved in checkpoints, never exported.
+* :func:`question_loss` — per-question averaging of the answer loss (``TrainConfig.loss_averaging="question"``):
+  a one-word answer weighs as much as a long one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from navil_utils.tiny.synthetic import SyntheticConfig
+from navil_utils.tiny.token_targets import TOKEN_TARGETS, target_classes
+
+
+class TokenHeads(torch.nn.Module):
+    """Linear heads on the visual tokens the LLM reads (RMS-normalised first), one per
+    :data:`~navil_utils.tiny.token_targets.TOKEN_TARGETS` target: training scaffolding of ``TrainConfig.token_loss``
+    (saved in checkpoints, never exported)."""
+
+    def __init__(self, hidden: int, classes: dict[str, tuple[str, ...]]) -> None:
+        super().__init__()
+        self.targets = TOKEN_TARGETS
+        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(hidden, len(classes[t])) for t in TOKEN_TARGETS})
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``tokens`` ``(n, H)``, ``targets`` ``(n, 3)`` (-100 = none) → (mean of the targets' cross-entropies,
+        accuracy per target on the tokens that have one)."""
+        losses, accuracy = [], {}
+        for k, target in enumerate(self.targets):
+            labels = targets[:, k]
+            keep = labels >= 0
+            if not bool(keep.any()):
+                continue
+            features = tokens[keep].float()
+            # unit RMS: the heads read the tokens' direction, so they learn at the same pace whatever the tokens'
+            # scale (they start ~0.1x a text embedding's norm with connector_init_scale=0.125)
+            features = torch.nn.functional.rms_norm(features, features.shape[-1:], eps=1e-6)
+            logits = self.heads[target](features)
+            losses.append(torch.nn.functional.cross_entropy(logits, labels[keep]))
+            accuracy[target] = float((logits.detach().argmax(-1) == labels[keep]).float().mean())
+        if not losses:
+            return tokens.sum() * 0.0, accuracy
+        return torch.stack(losses).mean(), accuracy
+
+
+def attach_token_heads(model: torch.nn.Module, data: dict[str, Any], seed: int) -> None:
+    """Give ``model`` (a NaViL) the :class:`TokenHeads` of the synthetic task configured by ``data`` (overrides of
+    :class:`~navil_utils.tiny.synthetic.SyntheticConfig`), initialised from ``seed``; the caller's RNG is kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.token_heads = TokenHeads(model.config.llm_config.hidden_size, target_classes(SyntheticConfig(**data)))
+
+
+def question_loss(logits: torch.Tensor, labels: torch.Tensor, answer_qa: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum over QAs of each QA's mean answer-token cross-entropy, and the number of QAs: ``logits`` ``(B, T, V)``
+    predict ``labels`` ``(B, T)`` one position later; ``answer_qa`` ``(B, T)`` numbers each answer token's QA."""
+    target, qa = labels[:, 1:], answer_qa[:, 1:]
+    keep = target >= 0
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
+    index = qa[keep]
+    count = int(index.max()) + 1 if index.numel() else 0
+    sums = nll.new_zeros(count).index_add(0, index, nll)
+    tokens = torch.bincount(index, minlength=count)
+    present = tokens > 0
+    return (sums[present] / tokens[present]).sum(), int(present.sum())
