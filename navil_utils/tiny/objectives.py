@@ -26,6 +26,14 @@ class TokenHeads(torch.nn.Module):
         self.targets = TOKEN_TARGETS
         self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(hidden, len(classes[t])) for t in TOKEN_TARGETS})
 
+    def logits(self, tokens: torch.Tensor, target: str) -> torch.Tensor:
+        """``(n, classes)`` logits of ``target`` for visual tokens ``(n, H)``."""
+        features = tokens.float()
+        # unit RMS: the heads read the tokens' direction, so they learn at the same pace whatever the tokens'
+        # scale (they start ~0.1x a text embedding's norm with connector_init_scale=0.125)
+        features = torch.nn.functional.rms_norm(features, features.shape[-1:], eps=1e-6)
+        return self.heads[target](features)
+
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """``tokens`` ``(n, H)``, ``targets`` ``(n, 3)`` (-100 = none) → (mean of the targets' cross-entropies,
         accuracy per target on the tokens that have one)."""
@@ -35,11 +43,7 @@ class TokenHeads(torch.nn.Module):
             keep = labels >= 0
             if not bool(keep.any()):
                 continue
-            features = tokens[keep].float()
-            # unit RMS: the heads read the tokens' direction, so they learn at the same pace whatever the tokens'
-            # scale (they start ~0.1x a text embedding's norm with connector_init_scale=0.125)
-            features = torch.nn.functional.rms_norm(features, features.shape[-1:], eps=1e-6)
-            logits = self.heads[target](features)
+            logits = self.logits(tokens[keep], target)
             losses.append(torch.nn.functional.cross_entropy(logits, labels[keep]))
             accuracy[target] = float((logits.detach().argmax(-1) == labels[keep]).float().mean())
         if not losses:

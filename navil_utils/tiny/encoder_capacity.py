@@ -1,0 +1,173 @@
+"""What the tiny NaViL's encoder *can* learn about each object when told directly — no language model involved.
+
+The encoder (ViT + pixel shuffle + connector ``mlp1``) of a freshly initialised tiny NaViL is trained with the
+auxiliary token heads alone (:class:`~navil_utils.tiny.objectives.TokenHeads`: each visual token predicts the kind,
+colour and glyph of the object whose centre it covers, :mod:`navil_utils.tiny.token_targets`), on the synthetic
+task's images. Held-out accuracy per target after a fixed budget measures the capacity and learning speed of an
+encoder shape (patch size, merge size, width) for what the task asks, at a fraction of a full run's cost: a
+choice between encoders is made here before a full training run is spent on one.
+
+    python -m navil_utils.tiny.encoder_capacity --model '{"patch_size": 8, "merge_size": 4}' \\
+        --steps 300 --out runs/encoder_capacity/p8m4.jsonl
+
+Each evaluation is one JSON line (step, images seen, minutes, accuracy per target over the held-out tokens that
+have a target — ``acc_<target>`` over every scale, ``acc_<target>_full`` over the full-resolution scale only);
+the file is appended to as the run goes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from navil_utils.errors import ConfigError, NaViLError
+from navil_utils.paths import repo_root
+from navil_utils.tiny.token_targets import TOKEN_TARGETS
+
+
+def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, batch_size: int):
+    """``(pixel_values, image_grid_thw, targets in visual-token order)`` of images ``offset + k·B …``."""
+    from navil_utils.models.vision import window_layout
+    from navil_utils.tiny.data import TinyCollator
+    from navil_utils.tiny.token_targets import target_classes
+
+    collator = TinyCollator.from_model_config(model.config, tokenizer,
+                                              token_target_classes=target_classes(data.config))
+    merge, window = model.config.merge_size, model.config.vision_config.window_size
+
+    def batch(k: int):
+        samples = [data.sample(seed_offset + k * batch_size + j) for j in range(batch_size)]
+        encoded = collator(samples)
+        order = window_layout(encoded.image_grid_thw, merge, window).window_index
+        # which tokens show an image at full resolution (each image's last, largest scale), raster then window order
+        full = []
+        for sample in samples:
+            grids = collator.image_inputs(sample.image)[2]
+            for scale, (t, h, w) in enumerate(grids.tolist()):
+                full.append(torch.full((t * h * w // merge ** 2,), scale == len(grids) - 1))
+        full = torch.cat(full)
+        if full.numel() != order.numel():
+            raise ConfigError(f"{full.numel()} tokens in the images' own grids, {order.numel()} in the batch")
+        return encoded.pixel_values, encoded.image_grid_thw, encoded.extra["token_targets"][order], full[order]
+
+    return batch
+
+
+def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int = 300, batch_size: int = 32,
+                     lr: float = 1e-3, warmup_steps: int = 30, seed: int = 0, data_seed: int = 1,
+                     eval_seed: int = 7, eval_images: int = 256, eval_every: int = 100,
+                     data: dict[str, Any] | None = None, on_eval: Callable[[dict[str, Any]], None] | None = None,
+                     ) -> list[dict[str, Any]]:
+    """Train a fresh encoder (``model_options``: overrides of
+    :func:`~navil_utils.models.presets.tiny_model_config`) with the token heads alone for ``steps`` steps of
+    ``batch_size`` images (AdamW, linear warm-up then cosine to 5 %); evaluate on ``eval_images`` images of
+    ``eval_seed`` every ``eval_every`` steps and at the end. Returns the evaluation records (also passed to
+    ``on_eval`` as they come). Deterministic for given arguments and thread count."""
+    import math
+
+    from navil_utils.tiny.objectives import attach_token_heads
+    from navil_utils.tiny.synthetic import SyntheticVQA
+    from navil_utils.tiny.train import TrainConfig, _tokenizer_for, build_model
+
+    if steps < 1 or batch_size < 1 or eval_images < 1 or eval_every < 1:
+        raise ConfigError("steps, batch_size, eval_images and eval_every must be positive")
+    data = dict(data or {})
+    config = TrainConfig(tokenizer=str(repo_root() / "data/models/navil-tiny"), model=dict(model_options or {}),
+                         data=data, seed=seed)
+    tokenizer, _ = _tokenizer_for(config)
+    model = build_model(config, tokenizer)
+    attach_token_heads(model, data, seed + 1)
+    encoder = torch.nn.ModuleDict({"vision_model": model.vision_model, "mlp1": model.mlp1,
+                                   "token_heads": model.token_heads})
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    train_batch = _encoder_batches(model, tokenizer, SyntheticVQA(data_seed, **data), 0, batch_size)
+    eval_batch = _encoder_batches(model, tokenizer, SyntheticVQA(eval_seed, **data), 0, min(batch_size, eval_images))
+    eval_batches = [eval_batch(k) for k in range(math.ceil(eval_images / min(batch_size, eval_images)))]
+    records: list[dict[str, Any]] = []
+    start = time.perf_counter()
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        correct = {(t, part): 0 for t in TOKEN_TARGETS for part in ("", "_full")}
+        count = dict.fromkeys(correct, 0)
+        with torch.no_grad():
+            for pixel_values, grid, targets, full in eval_batches:
+                tokens = model.get_vision_outputs(pixel_values, grid).features
+                for k, target in enumerate(TOKEN_TARGETS):
+                    keep = targets[:, k] >= 0
+                    hit = model.token_heads.logits(tokens[keep], target).argmax(-1) == targets[keep, k]
+                    for part, mask in (("", torch.ones_like(hit)), ("_full", full[keep])):
+                        correct[target, part] += int((hit & mask).sum())
+                        count[target, part] += int(mask.sum())
+        record = {"step": step, "images": step * batch_size, "minutes": (time.perf_counter() - start) / 60,
+                  "eval_tokens": {t + part: n for (t, part), n in count.items()},
+                  **{f"acc_{t}{part}": correct[t, part] / max(1, n) for (t, part), n in count.items()}}
+        records.append(record)
+        if on_eval is not None:
+            on_eval(record)
+        model.train()
+
+    model.train()
+    for step in range(steps):
+        pixel_values, grid, targets, _ = train_batch(step)
+        loss, _ = model.token_heads(model.get_vision_outputs(pixel_values, grid).features, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            evaluate(step + 1)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m navil_utils.tiny.encoder_capacity",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="{}", help="JSON overrides of tiny_model_config (e.g. patch_size)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-images", type=int, default=256)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", required=True, help="JSON-lines file the evaluations are appended to")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        options = json.loads(args.model)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(record: dict[str, Any]) -> None:
+            line = {"model": options, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, **record}
+            with out.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line) + "\n")
+            print(json.dumps(line), flush=True)
+
+        encoder_capacity(options, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         eval_images=args.eval_images, eval_every=args.eval_every, seed=args.seed, on_eval=write)
+    except (NaViLError, json.JSONDecodeError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
