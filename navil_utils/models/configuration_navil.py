@@ -51,6 +51,9 @@ class NaViLVisionConfig(PreTrainedConfig):
     with the intended InternViT semantics: ``q_norm``/``k_norm`` are RMSNorms over the full width ``D``
     applied to q and k *before* the split into heads.  No released checkpoint is known to use it, so it
     has no parity test against the reference.
+
+    ``stem_channels`` (default ``None``: the reference's single patch convolution) is an extension of this
+    workbook for small encoders trained from scratch; a checkpoint that uses it does not load in the reference.
     """
 
     model_type = "navil_vit"
@@ -76,6 +79,7 @@ class NaViLVisionConfig(PreTrainedConfig):
     downsample_ratio: float = 1.0
     fullatt_block_indexes: list[int] | None = None
     window_size: int = 8
+    # ``stem_channels`` is read with getattr (set only when given): configs without it serialise as before
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -97,6 +101,11 @@ class NaViLVisionConfig(PreTrainedConfig):
             raise ConfigError(str(err)) from None
         if self.window_size < self.merge_size:
             raise ConfigError(f"window_size {self.window_size} is smaller than the merge size {self.merge_size}")
+        stem = getattr(self, "stem_channels", None)
+        if stem:
+            if any(int(c) < 1 for c in stem) or self.patch_size % 2 ** len(stem):
+                raise ConfigError(f"stem_channels {stem} need positive widths and a patch size "
+                                  f"divisible by 2^{len(stem)} (patch_size {self.patch_size})")
         for idx in self.fullatt_block_indexes or []:
             if not 0 <= int(idx) < self.num_hidden_layers:
                 raise ConfigError(f"fullatt_block_indexes entry {idx} is not a layer index "

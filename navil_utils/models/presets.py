@@ -182,7 +182,7 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
                       vit_width: int = 128, vit_layers: int = 4, vit_heads: int = 4,
                       llm_width: int = 192, llm_layers: int = 4, llm_heads: int = 4, llm_kv_heads: int = 2,
                       llm_intermediate: int = 512, patch_size: int = 16, merge_size: int = NAVIL_MERGE_SIZE,
-                      vit_layer_scale: float = 0.1,
+                      vit_layer_scale: float = 0.1, vit_stem_channels: list[int] | None = None,
                       min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
                       system_message: str | None = None, visual_experts: bool = True) -> dict[str, Any]:
     """The tiny NaViL's ``config.json`` content, in the official NaViL format (Qwen3-VE backbone).
@@ -193,7 +193,8 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
     ``min_dynamic_patch``/``max_dynamic_patch`` encode the pixel budget in units of ``patch_size²``;
     ``merge_size`` is the pixel-shuffle block side (``downsample_ratio = 1 / merge_size``): one LLM token shows
     ``(patch_size · merge_size)²`` pixels. ``vit_layer_scale`` is the ViT's initial layer-scale value
-    (``vision_config.initializer_factor``).
+    (``vision_config.initializer_factor``); ``vit_stem_channels`` puts a small per-patch CNN before the patch
+    projection (``vision_config.stem_channels``, a workbook extension the reference cannot load).
     """
     if max_pixels % (patch_size * patch_size) or min_pixels % (patch_size * patch_size):
         raise ConfigError(f"pixel budget {min_pixels}..{max_pixels} must be a multiple of patch_size²")
@@ -224,6 +225,7 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
             "initializer_factor": vit_layer_scale,
             "window_size": NAVIL_WINDOW_SIZE,
             "fullatt_block_indexes": None,
+            **({"stem_channels": list(vit_stem_channels)} if vit_stem_channels else {}),
             "image_size": 32,
             "downsample_ratio": 1 / merge_size,
         },

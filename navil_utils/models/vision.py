@@ -185,18 +185,33 @@ class AttentionSegments:
 
 
 class NaViLVisionEmbeddings(nn.Module):
-    """Patch embedding: ``Conv2d(3, D, kernel=p, stride=p)`` applied to each ``p × p`` patch."""
+    """Patch embedding: ``Conv2d(3, D, kernel=p, stride=p)`` applied to each ``p × p`` patch.
+
+    With ``config.stem_channels = [c1, …, ck]`` (a workbook extension, not in the reference) each patch first
+    goes through ``k`` convolutions ``3 × 3``, stride 2, padding 1, each followed by GELU (``stem.0``, ``stem.2``,
+    …), and the patch convolution then maps the ``p/2^k``-pixel result to ``D``: a small CNN per patch, which
+    gives a from-scratch encoder the locality a single linear projection of the patch lacks. Patches stay
+    independent, so everything downstream (token order, RoPE, merging) is unchanged.
+    """
 
     def __init__(self, config: NaViLVisionConfig) -> None:
         super().__init__()
         self.patch_size = config.patch_size
-        self.patch_embedding = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size,
-                                         stride=config.patch_size)
+        stem = list(getattr(config, "stem_channels", None) or [])
+        channels, layers = 3, []
+        for width in stem:
+            layers += [nn.Conv2d(channels, int(width), kernel_size=3, stride=2, padding=1), nn.GELU()]
+            channels = int(width)
+        self.stem = nn.Sequential(*layers) if layers else None
+        kernel = config.patch_size // 2 ** len(stem)
+        self.patch_embedding = nn.Conv2d(channels, config.hidden_size, kernel_size=kernel, stride=kernel)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, p, p)`` or ``(N, 3·p·p)`` → ``(N, D)`` (pixel values are cast to the weight dtype)."""
         conv = self.patch_embedding
         patches = pixel_values.reshape(-1, 3, self.patch_size, self.patch_size).to(conv.weight.dtype)
+        if self.stem is not None:
+            patches = self.stem(patches)
         return conv(patches).flatten(1)
 
 
