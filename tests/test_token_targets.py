@@ -267,3 +267,23 @@ def test_encoder_capacity_learns_colour_and_is_deterministic(tmp_path, capsys):
     assert main(["--model", "{not json", "--out", str(out)]) == 1
     assert main(["--model", json.dumps({"patch_size": 7}), "--out", str(out)]) == 1
     assert "pixel budget" in capsys.readouterr().err
+
+
+def test_spread_targets_label_every_token_inside_a_shape_and_keep_the_centre_ones():
+    from navil_utils.tiny.token_targets import token_targets
+
+    classes = target_classes(SyntheticVQA(0).config)
+    square = SceneObject("square", "red", (8, 8, 100, 60), "center", 92)       # covers token centres 16..80 x 16..48
+    word = SceneObject("text", "black", (70, 100, 120, 124), "center", 24, "AX")
+    sample = type("Sample", (), {"size": (128, 128), "objects": (square, word)})()
+    grid = torch.tensor([[1, 8, 8]])                                                # 4 x 4 tokens of 32 px
+    plain = token_targets(sample, grid, classes, merge_size=2).view(4, 4, 3)
+    spread = token_targets(sample, grid, classes, merge_size=2, spread=True).view(4, 4, 3)
+    kind, color = classes["kind"].index("square"), classes["color"].index("red")
+    assert (plain[..., 0] == kind).sum() == 1 and plain[1, 1, 0] == kind           # the centre (54, 34)
+    assert {(r, c) for r in range(4) for c in range(4) if spread[r, c, 0] == kind} == {
+        (r, c) for r in (0, 1) for c in (0, 1, 2)}
+    assert bool((spread[0:2, 0:3, 1] == color).all()) and bool((spread[..., 2][spread[..., 0] >= 0] == -100).all())
+    glyphs = plain[..., 2] >= 0
+    assert torch.equal(spread[glyphs], plain[glyphs])                                # characters as before
+    assert torch.equal(spread[plain[..., 0] >= 0], plain[plain[..., 0] >= 0])

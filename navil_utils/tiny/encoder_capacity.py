@@ -31,30 +31,34 @@ from navil_utils.paths import repo_root
 from navil_utils.tiny.token_targets import TOKEN_TARGETS
 
 
-def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, batch_size: int):
-    """``(pixel_values, image_grid_thw, targets in visual-token order)`` of images ``offset + k·B …``."""
+def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, batch_size: int, *,
+                     spread: bool = False):
+    """``k → (pixel_values, image_grid_thw, targets, full)`` of images ``offset + k·B …``: targets
+    (:func:`~navil_utils.tiny.token_targets.token_targets`, ``spread`` as there) and the full-resolution mask of
+    every visual token, both in visual-token (window) order."""
     from navil_utils.models.vision import window_layout
     from navil_utils.tiny.data import TinyCollator
-    from navil_utils.tiny.token_targets import target_classes
+    from navil_utils.tiny.token_targets import target_classes, token_targets
 
-    collator = TinyCollator.from_model_config(model.config, tokenizer,
-                                              token_target_classes=target_classes(data.config))
+    classes = target_classes(data.config)
+    collator = TinyCollator.from_model_config(model.config, tokenizer)
     merge, window = model.config.merge_size, model.config.vision_config.window_size
 
     def batch(k: int):
         samples = [data.sample(seed_offset + k * batch_size + j) for j in range(batch_size)]
         encoded = collator(samples)
         order = window_layout(encoded.image_grid_thw, merge, window).window_index
-        # which tokens show an image at full resolution (each image's last, largest scale), raster then window order
-        full = []
+        targets, full = [], []
         for sample in samples:
             grids = collator.image_inputs(sample.image)[2]
+            targets.append(token_targets(sample, grids, classes, merge_size=merge, spread=spread))
+            # each image's last, largest scale shows it at full resolution
             for scale, (t, h, w) in enumerate(grids.tolist()):
                 full.append(torch.full((t * h * w // merge ** 2,), scale == len(grids) - 1))
-        full = torch.cat(full)
+        targets, full = torch.cat(targets), torch.cat(full)
         if full.numel() != order.numel():
             raise ConfigError(f"{full.numel()} tokens in the images' own grids, {order.numel()} in the batch")
-        return encoded.pixel_values, encoded.image_grid_thw, encoded.extra["token_targets"][order], full[order]
+        return encoded.pixel_values, encoded.image_grid_thw, targets[order], full[order]
 
     return batch
 
@@ -62,13 +66,15 @@ def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, ba
 def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int = 300, batch_size: int = 32,
                      lr: float = 1e-3, warmup_steps: int = 30, seed: int = 0, data_seed: int = 1,
                      eval_seed: int = 7, eval_images: int = 256, eval_every: int = 100,
-                     data: dict[str, Any] | None = None, on_eval: Callable[[dict[str, Any]], None] | None = None,
-                     ) -> list[dict[str, Any]]:
+                     data: dict[str, Any] | None = None, spread_targets: bool = False,
+                     on_eval: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a fresh encoder (``model_options``: overrides of
     :func:`~navil_utils.models.presets.tiny_model_config`) with the token heads alone for ``steps`` steps of
     ``batch_size`` images (AdamW, linear warm-up then cosine to 5 %); evaluate on ``eval_images`` images of
     ``eval_seed`` every ``eval_every`` steps and at the end. Returns the evaluation records (also passed to
-    ``on_eval`` as they come). Deterministic for given arguments and thread count."""
+    ``on_eval`` as they come). ``spread_targets`` trains on the spread targets (every token inside a shape's box
+    is labelled); evaluation always reads the token at each object's centre. Deterministic for given arguments
+    and thread count."""
     import math
 
     from navil_utils.tiny.objectives import attach_token_heads
@@ -94,7 +100,8 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    train_batch = _encoder_batches(model, tokenizer, SyntheticVQA(data_seed, **data), 0, batch_size)
+    train_batch = _encoder_batches(model, tokenizer, SyntheticVQA(data_seed, **data), 0, batch_size,
+                                   spread=spread_targets)
     eval_batch = _encoder_batches(model, tokenizer, SyntheticVQA(eval_seed, **data), 0, min(batch_size, eval_images))
     eval_batches = [eval_batch(k) for k in range(math.ceil(eval_images / min(batch_size, eval_images)))]
     records: list[dict[str, Any]] = []
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-images", type=int, default=256)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spread-targets", action="store_true", help="train on every token inside a shape's box")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", required=True, help="JSON-lines file the evaluations are appended to")
     args = parser.parse_args(argv)
@@ -156,13 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
 
         def write(record: dict[str, Any]) -> None:
-            line = {"model": options, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, **record}
+            line = {"model": options, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+                    "spread_targets": args.spread_targets, **record}
             with out.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(line) + "\n")
             print(json.dumps(line), flush=True)
 
         encoder_capacity(options, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         eval_images=args.eval_images, eval_every=args.eval_every, seed=args.seed, on_eval=write)
+                         eval_images=args.eval_images, eval_every=args.eval_every, seed=args.seed,
+                         spread_targets=args.spread_targets, on_eval=write)
     except (NaViLError, json.JSONDecodeError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1

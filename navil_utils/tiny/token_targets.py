@@ -65,16 +65,32 @@ def token_at(x: float, y: float, width: int, height: int, rows: int, cols: int) 
 
 
 def token_targets(sample: Any, image_grid_thw: torch.Tensor, classes: dict[str, tuple[str, ...]], *,
-                  merge_size: int) -> torch.Tensor:
+                  merge_size: int, spread: bool = False) -> torch.Tensor:
     """``(n_tokens, 3)`` long: the :data:`TOKEN_TARGETS` classes of every merged token of ``sample``'s image, scale
     by scale in ``image_grid_thw`` order, raster order within a scale (the ViT's window order is applied by
-    the caller, :func:`window_order`). Where two points fall into one token the later object wins."""
+    the caller, :func:`window_order`). Where two points fall into one token the later object wins.
+
+    ``spread=True`` also labels, with a shape's kind and colour, every token whose centre lies inside the shape's
+    box (the points above are written afterwards and win): more supervised tokens per shape, each showing
+    part of it."""
     width, height = sample.size
     points = object_points(sample.objects)
     blocks = []
     for t, h, w in (tuple(int(v) for v in row) for row in image_grid_thw):
         rows, cols = h // merge_size, w // merge_size
         grid = torch.full((t, rows, cols, len(TOKEN_TARGETS)), IGNORE_INDEX, dtype=torch.long)
+        if spread:
+            centre_y = (torch.arange(rows) + 0.5) * height / rows
+            centre_x = (torch.arange(cols) + 0.5) * width / cols
+            for obj in sample.objects:
+                if obj.kind == "text":
+                    continue
+                x0, y0, x1, y1 = obj.box
+                inside = (((centre_y >= y0) & (centre_y <= y1))[:, None]
+                          & ((centre_x >= x0) & (centre_x <= x1))[None, :])
+                names = {"kind": obj.kind, "color": obj.color, "glyph": None}
+                grid[:, inside] = torch.tensor([IGNORE_INDEX if names[target] is None
+                                                else classes[target].index(names[target]) for target in TOKEN_TARGETS])
         for names, x, y in points:
             row, col = token_at(x, y, width, height, rows, cols)
             grid[:, row, col] = IGNORE_INDEX
