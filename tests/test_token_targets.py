@@ -256,7 +256,9 @@ def test_encoder_capacity_learns_colour_and_is_deterministic(tmp_path, capsys):
     chance = 1 / len(target_classes(SyntheticVQA(0).config)["color"])       # 6 colours
     assert first[-1]["acc_color"] > 4 * chance, first                         # measured 0.96
     assert first[-1]["eval_tokens"]["color"] > 50
-    assert 0 < first[-1]["eval_tokens"]["color_full"] < first[-1]["eval_tokens"]["color"]   # + smaller scales
+    counts = first[-1]["eval_tokens"]
+    assert 0 < counts["color_full"] < counts["color"]                                    # + smaller scales
+    assert sum(counts[f"kind_full_{b}"] for b in ("small", "medium", "large")) == counts["kind_full"]
     again = encoder_capacity(options, **kwargs)
     assert [r["acc_color"] for r in again] == [r["acc_color"] for r in first]
     out = tmp_path / "capacity.jsonl"

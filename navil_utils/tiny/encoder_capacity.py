@@ -11,7 +11,8 @@ choice between encoders is made here before a full training run is spent on one.
         --steps 300 --out runs/encoder_capacity/p8m4.jsonl
 
 Each evaluation is one JSON line (step, images seen, minutes, accuracy per target over the held-out tokens that
-have a target — ``acc_<target>`` over every scale, ``acc_<target>_full`` over the full-resolution scale only);
+have a target — ``acc_<target>`` over every scale, ``acc_<target>_full`` over the full-resolution scale only,
+``acc_{kind,color}_full_{small,medium,large}`` by shape size, :data:`SIZE_BUCKETS`);
 the file is appended to as the run goes.
 """
 from __future__ import annotations
@@ -31,14 +32,19 @@ from navil_utils.paths import repo_root
 from navil_utils.tiny.token_targets import TOKEN_TARGETS
 
 
+#: Shape-size buckets of the full-resolution evaluation (longer box side in px, half-open ranges).
+SIZE_BUCKETS = {"small": (1, 24), "medium": (24, 33), "large": (33, 10_000)}
+
+
 def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, batch_size: int, *,
                      spread: bool = False):
-    """``k → (pixel_values, image_grid_thw, targets, full)`` of images ``offset + k·B …``: targets
-    (:func:`~navil_utils.tiny.token_targets.token_targets`, ``spread`` as there) and the full-resolution mask of
-    every visual token, both in visual-token (window) order."""
+    """``k → (pixel_values, image_grid_thw, targets, sizes)`` of images ``offset + k·B …``, both per visual token
+    in visual-token (window) order: targets (:func:`~navil_utils.tiny.token_targets.token_targets`, ``spread`` as
+    there) and sizes: -1 off the full-resolution scale, else the size (longer box side, px) of the shape centred
+    in the token, 0 for none."""
     from navil_utils.models.vision import window_layout
     from navil_utils.tiny.data import TinyCollator
-    from navil_utils.tiny.token_targets import target_classes, token_targets
+    from navil_utils.tiny.token_targets import target_classes, token_at, token_targets
 
     classes = target_classes(data.config)
     collator = TinyCollator.from_model_config(model.config, tokenizer)
@@ -48,17 +54,24 @@ def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, ba
         samples = [data.sample(seed_offset + k * batch_size + j) for j in range(batch_size)]
         encoded = collator(samples)
         order = window_layout(encoded.image_grid_thw, merge, window).window_index
-        targets, full = [], []
+        targets, sizes = [], []
         for sample in samples:
             grids = collator.image_inputs(sample.image)[2]
             targets.append(token_targets(sample, grids, classes, merge_size=merge, spread=spread))
-            # each image's last, largest scale shows it at full resolution
             for scale, (t, h, w) in enumerate(grids.tolist()):
-                full.append(torch.full((t * h * w // merge ** 2,), scale == len(grids) - 1))
-        targets, full = torch.cat(targets), torch.cat(full)
-        if full.numel() != order.numel():
-            raise ConfigError(f"{full.numel()} tokens in the images' own grids, {order.numel()} in the batch")
-        return encoded.pixel_values, encoded.image_grid_thw, targets[order], full[order]
+                size = torch.full((t, h // merge, w // merge), -1, dtype=torch.long)
+                if scale == len(grids) - 1:               # each image's last, largest scale: full resolution
+                    size[:] = 0
+                    for obj in sample.objects:
+                        if obj.kind != "text":
+                            x0, y0, x1, y1 = obj.box
+                            row, col = token_at((x0 + x1) / 2, (y0 + y1) / 2, *sample.size, h // merge, w // merge)
+                            size[:, row, col] = max(x1 - x0, y1 - y0)
+                sizes.append(size.reshape(-1))
+        targets, sizes = torch.cat(targets), torch.cat(sizes)
+        if sizes.numel() != order.numel():
+            raise ConfigError(f"{sizes.numel()} tokens in the images' own grids, {order.numel()} in the batch")
+        return encoded.pixel_values, encoded.image_grid_thw, targets[order], sizes[order]
 
     return batch
 
@@ -109,15 +122,20 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
 
     def evaluate(step: int) -> None:
         model.eval()
-        correct = {(t, part): 0 for t in TOKEN_TARGETS for part in ("", "_full")}
+        parts = {"": lambda size: size >= -1, "_full": lambda size: size >= 0}
+        parts.update({f"_full_{name}": (lambda size, lo=lo, hi=hi: (size >= lo) & (size < hi))
+                      for name, (lo, hi) in SIZE_BUCKETS.items()})
+        correct = {(t, part): 0 for t in TOKEN_TARGETS for part in parts
+                   if t != "glyph" or part in ("", "_full")}
         count = dict.fromkeys(correct, 0)
         with torch.no_grad():
-            for pixel_values, grid, targets, full in eval_batches:
+            for pixel_values, grid, targets, sizes in eval_batches:
                 tokens = model.get_vision_outputs(pixel_values, grid).features
                 for k, target in enumerate(TOKEN_TARGETS):
                     keep = targets[:, k] >= 0
                     hit = model.token_heads.logits(tokens[keep], target).argmax(-1) == targets[keep, k]
-                    for part, mask in (("", torch.ones_like(hit)), ("_full", full[keep])):
+                    for part in (p for t, p in correct if t == target):
+                        mask = parts[part](sizes[keep])
                         correct[target, part] += int((hit & mask).sum())
                         count[target, part] += int(mask.sum())
         record = {"step": step, "images": step * batch_size, "minutes": (time.perf_counter() - start) / 60,
