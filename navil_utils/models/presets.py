@@ -183,6 +183,7 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
                       llm_width: int = 192, llm_layers: int = 4, llm_heads: int = 4, llm_kv_heads: int = 2,
                       llm_intermediate: int = 512, patch_size: int = 16, merge_size: int = NAVIL_MERGE_SIZE,
                       vit_layer_scale: float = 0.1, vit_stem_channels: list[int] | None = None,
+                      vit_window_size: int = NAVIL_WINDOW_SIZE, vit_full_attention_layers: list[int] | None = None,
                       min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
                       system_message: str | None = None, visual_experts: bool = True) -> dict[str, Any]:
     """The tiny NaViL's ``config.json`` content, in the official NaViL format (Qwen3-VE backbone).
@@ -195,6 +196,9 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
     ``(patch_size · merge_size)²`` pixels. ``vit_layer_scale`` is the ViT's initial layer-scale value
     (``vision_config.initializer_factor``); ``vit_stem_channels`` puts a small per-patch CNN before the patch
     projection (``vision_config.stem_channels``, a workbook extension the reference cannot load).
+    ``vit_window_size`` (patches per window side) and ``vit_full_attention_layers`` (``fullatt_block_indexes``)
+    set NaViL's window attention: layers not listed attend only within their window (default: every layer
+    global, as the shipped model).
     """
     if max_pixels % (patch_size * patch_size) or min_pixels % (patch_size * patch_size):
         raise ConfigError(f"pixel budget {min_pixels}..{max_pixels} must be a multiple of patch_size²")
@@ -223,8 +227,8 @@ def tiny_model_config(vocab_size: int, special_token_ids: dict[str, int] | None 
             "layer_norm_eps": 1e-6,
             "hidden_act": "gelu",
             "initializer_factor": vit_layer_scale,
-            "window_size": NAVIL_WINDOW_SIZE,
-            "fullatt_block_indexes": None,
+            "window_size": vit_window_size,
+            "fullatt_block_indexes": None if vit_full_attention_layers is None else list(vit_full_attention_layers),
             **({"stem_channels": list(vit_stem_channels)} if vit_stem_channels else {}),
             "image_size": 32,
             "downsample_ratio": 1 / merge_size,

@@ -1,5 +1,6 @@
-"""The per-patch convolutional stem (``vision_config.stem_channels``): a workbook extension for small encoders
-trained from scratch. Off by default, so every official checkpoint keeps its exact key set."""
+"""Encoder options of the tiny model: the per-patch convolutional stem (``vision_config.stem_channels``, a
+workbook extension for small encoders trained from scratch; off by default, so every official checkpoint keeps
+its exact key set) and NaViL's window attention as tiny-model options."""
 from __future__ import annotations
 
 import pytest
@@ -67,3 +68,24 @@ def test_a_model_with_a_stem_saves_and_reloads_strictly(tmp_path):
     grid = torch.tensor([[1, 2, 4]])
     with torch.no_grad():
         torch.testing.assert_close(again.get_image_features(pixels, grid), model.get_image_features(pixels, grid))
+
+
+def test_window_attention_options_keep_windows_apart_until_a_global_layer():
+    """8 x 8 patches, windows of 4 x 4 patches: with no global layer a change inside one window leaves every
+    other window's visual tokens unchanged; with the last layer global it reaches them."""
+    pixels = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    grid = torch.tensor([[1, 8, 8]])
+    changed = pixels.clone()
+    changed[0] += 1.0                                  # patch (0, 0): window 0 (patches are in merge-block order)
+    for layers, expect_isolated in (([], True), ([0], False)):
+        model = _model(vit_window_size=4, vit_full_attention_layers=layers).eval()
+        assert model.config.vision_config.fullatt_block_indexes == layers
+        with torch.no_grad():
+            out = model.get_vision_outputs(pixels, grid)
+            moved = (model.get_vision_outputs(changed, grid).features - out.features).abs().amax(-1)
+        window = model.config.vision_config.window_size // model.config.merge_size        # 2 x 2 tokens
+        first_window = out.window_index[: window * window]
+        assert bool((moved[: window * window] > 0).all())
+        others = moved[window * window:]
+        assert bool((others == 0).all()) == expect_isolated, (layers, others)
+        assert sorted(first_window.tolist()) == [0, 1, 4, 5]                    # tokens (0,0),(0,1),(1,0),(1,1)
