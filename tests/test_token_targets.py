@@ -289,3 +289,15 @@ def test_spread_targets_label_every_token_inside_a_shape_and_keep_the_centre_one
     glyphs = plain[..., 2] >= 0
     assert torch.equal(spread[glyphs], plain[glyphs])                                # characters as before
     assert torch.equal(spread[plain[..., 0] >= 0], plain[plain[..., 0] >= 0])
+
+
+def test_crop_cnn_reference_is_deterministic_and_reports_by_size():
+    from navil_utils.tiny.encoder_capacity import SIZE_BUCKETS, crop_cnn_reference
+
+    kwargs = dict(train_images=60, eval_images=30, epochs=2, batch_size=32)
+    first = crop_cnn_reference(**kwargs)
+    assert [r["epoch"] for r in first] == [1, 2]
+    assert first[0]["shapes_seen"] * 2 == first[1]["shapes_seen"] and first[0]["test_shapes"] > 40
+    assert all(0 <= r["acc_kind"] <= 1 for r in first)
+    assert {f"acc_kind_{b}" for b in SIZE_BUCKETS} <= set(first[0])
+    assert crop_cnn_reference(**kwargs) == first

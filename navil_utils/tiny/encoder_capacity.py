@@ -79,13 +79,16 @@ def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, ba
 def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int = 300, batch_size: int = 32,
                      lr: float = 1e-3, warmup_steps: int = 30, seed: int = 0, data_seed: int = 1,
                      eval_seed: int = 7, eval_images: int = 256, eval_every: int = 100,
-                     data: dict[str, Any] | None = None, spread_targets: bool = False,
+                     data: dict[str, Any] | None = None, train_data: dict[str, Any] | None = None,
+                     spread_targets: bool = False,
                      on_eval: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a fresh encoder (``model_options``: overrides of
     :func:`~navil_utils.models.presets.tiny_model_config`) with the token heads alone for ``steps`` steps of
     ``batch_size`` images (AdamW, linear warm-up then cosine to 5 %); evaluate on ``eval_images`` images of
     ``eval_seed`` every ``eval_every`` steps and at the end. Returns the evaluation records (also passed to
-    ``on_eval`` as they come). ``spread_targets`` trains on the spread targets (every token inside a shape's box
+    ``on_eval`` as they come). ``data`` overrides :class:`~navil_utils.tiny.synthetic.SyntheticConfig` for
+    training and evaluation, ``train_data`` further overrides it for training only (e.g. simpler scenes, with
+    the same classes). ``spread_targets`` trains on the spread targets (every token inside a shape's box
     is labelled); evaluation always reads the token at each object's centre. Deterministic for given arguments
     and thread count."""
     import math
@@ -113,8 +116,8 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    train_batch = _encoder_batches(model, tokenizer, SyntheticVQA(data_seed, **data), 0, batch_size,
-                                   spread=spread_targets)
+    train_set = SyntheticVQA(data_seed, **{**data, **(train_data or {})})
+    train_batch = _encoder_batches(model, tokenizer, train_set, 0, batch_size, spread=spread_targets)
     eval_batch = _encoder_batches(model, tokenizer, SyntheticVQA(eval_seed, **data), 0, min(batch_size, eval_images))
     eval_batches = [eval_batch(k) for k in range(math.ceil(eval_images / min(batch_size, eval_images)))]
     records: list[dict[str, Any]] = []
@@ -160,6 +163,71 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     return records
 
 
+def crop_cnn_reference(*, train_images: int = 4000, eval_images: int = 400, epochs: int = 6, batch_size: int = 64,
+                       lr: float = 1e-3, token_side: int = 32, seed: int = 0, data_seed: int = 1, eval_seed: int = 7,
+                       data: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The reference point of :func:`encoder_capacity`: a small CNN (three 3 × 3 conv layers, 32–64 channels,
+    ReLU, two max-pools, global average pool, linear) trained to name the kind of each shape from the pixels of
+    the ``token_side``-px full-resolution token at its centre — the very crop an LLM token of the tiny NaViL
+    shows. Adam, ``epochs`` passes over the shapes of ``train_images`` images; held-out accuracy (overall and
+    by :data:`SIZE_BUCKETS`) after each epoch."""
+    import numpy as np
+
+    from navil_utils.tiny.synthetic import SyntheticVQA
+    from navil_utils.tiny.token_targets import target_classes, token_at
+
+    data = dict(data or {})
+    kinds = target_classes(SyntheticVQA(data_seed, **data).config)["kind"]
+
+    def crops(data_seed_: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dataset, pixels, labels, sizes = SyntheticVQA(data_seed_, **data), [], [], []
+        for index in range(n):
+            sample = dataset.sample(index)
+            width, height = sample.size
+            image = np.asarray(sample.image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+            rows, cols = height // token_side, width // token_side
+            for obj in sample.objects:
+                if obj.kind == "text":
+                    continue
+                x0, y0, x1, y1 = obj.box
+                row, col = token_at((x0 + x1) / 2, (y0 + y1) / 2, width, height, rows, cols)
+                crop = image[row * token_side:(row + 1) * token_side, col * token_side:(col + 1) * token_side]
+                pixels.append(crop.transpose(2, 0, 1))
+                labels.append(kinds.index(obj.kind))
+                sizes.append(max(x1 - x0, y1 - y0))
+        return torch.from_numpy(np.stack(pixels)), torch.tensor(labels), torch.tensor(sizes)
+
+    train_x, train_y, _ = crops(data_seed, train_images)
+    test_x, test_y, test_size = crops(eval_seed, eval_images)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(), torch.nn.Linear(64, len(kinds)))
+        generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    records = []
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(train_y), generator=generator)
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            loss = torch.nn.functional.cross_entropy(net(train_x[chosen]), train_y[chosen])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            hit = (net(test_x).argmax(-1) == test_y).float()
+        record = {"epoch": epoch, "shapes_seen": epoch * len(train_y), "test_shapes": len(test_y),
+                  "acc_kind": float(hit.mean())}
+        for name, (lo, hi) in SIZE_BUCKETS.items():
+            mask = (test_size >= lo) & (test_size < hi)
+            record[f"acc_kind_{name}"] = float(hit[mask].mean()) if bool(mask.any()) else None
+        records.append(record)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m navil_utils.tiny.encoder_capacity",
                                      description=__doc__.splitlines()[0])
@@ -170,27 +238,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-images", type=int, default=256)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-data", default="{}", help="JSON SyntheticConfig overrides for training only")
     parser.add_argument("--spread-targets", action="store_true", help="train on every token inside a shape's box")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--crop-cnn", action="store_true",
+                        help="run crop_cnn_reference instead (a small CNN on each shape's 32-px token crop)")
     parser.add_argument("--out", required=True, help="JSON-lines file the evaluations are appended to")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        options = json.loads(args.model)
+        options, train_data = json.loads(args.model), json.loads(args.train_data)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
 
         def write(record: dict[str, Any]) -> None:
             line = {"model": options, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-                    "spread_targets": args.spread_targets, **record}
+                    "spread_targets": args.spread_targets, "train_data": train_data, **record}
             with out.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(line) + "\n")
             print(json.dumps(line), flush=True)
 
+        if args.crop_cnn:
+            for record in crop_cnn_reference(seed=args.seed, lr=args.lr):
+                write({"reference": "crop_cnn", **record})
+            return 0
         encoder_capacity(options, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          eval_images=args.eval_images, eval_every=args.eval_every, seed=args.seed,
-                         spread_targets=args.spread_targets, on_eval=write)
+                         train_data=train_data, spread_targets=args.spread_targets, on_eval=write)
     except (NaViLError, json.JSONDecodeError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
