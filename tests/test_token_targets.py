@@ -301,3 +301,30 @@ def test_crop_cnn_reference_is_deterministic_and_reports_by_size():
     assert all(0 <= r["acc_kind"] <= 1 for r in first)
     assert {f"acc_kind_{b}" for b in SIZE_BUCKETS} <= set(first[0])
     assert crop_cnn_reference(**kwargs) == first
+
+
+def test_the_encoder_capacity_study_says_what_its_data_holds():
+    """data/encoder_capacity/README.md quotes these records; the shapes learn colour, not glyphs."""
+    folder = repo_root() / "data/encoder_capacity"
+    pilot = [json.loads(line) for line in (folder / "pilot.jsonl").read_text().splitlines()]
+    last = {}
+    for record in pilot:
+        last[json.dumps(record["model"], sort_keys=True), record["lr"], record.get("spread_targets", False),
+             json.dumps(record.get("train_data", {}))] = record
+
+    def kind_full(model, lr=0.001, spread=False, train_data="{}"):
+        return round(last[json.dumps(model, sort_keys=True), lr, spread, train_data]["acc_kind_full"], 3)
+
+    assert kind_full({}) == 0.371 and kind_full({"patch_size": 8}) == 0.435
+    assert kind_full({"vit_stem_channels": [32, 64, 128]}) == 0.41 and kind_full({}, spread=True) == 0.379
+    assert max(r["acc_kind_full"] for r in last.values() if "acc_kind_full" in r) == pytest.approx(0.435, abs=5e-4)
+    assert all(r["acc_glyph"] < 0.1 for r in last.values())
+    assert all(r["acc_color_full"] > 0.96 for r in last.values() if "acc_color_full" in r)
+    long = [json.loads(line) for line in (folder / "long.jsonl").read_text().splitlines()]
+    assert (long[-1]["step"], round(long[-1]["acc_kind_full"], 3)) == (2000, 0.463)
+    cnn = [json.loads(line) for line in (folder / "crop_cnn.jsonl").read_text().splitlines()]
+    assert [(r["shapes_seen"], round(r["acc_kind"], 3)) for r in cnn if r["epoch"] in (1, 2, 6)] == [
+        (13668, 0.656), (27336, 0.918), (82008, 0.97)]
+    readme = (folder / "README.md").read_text()
+    for quoted in ("0.371", "0.435", "0.463", "0.656", "0.918", "**0.970**", "13,668", "82,008"):
+        assert quoted in readme, quoted

@@ -252,16 +252,17 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
 
-        def write(record: dict[str, Any]) -> None:
-            line = {"model": options, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-                    "spread_targets": args.spread_targets, "train_data": train_data, **record}
+        def write(record: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
+            line = {**(settings if settings is not None else {
+                "model": options, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+                "spread_targets": args.spread_targets, "train_data": train_data}), **record}
             with out.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(line) + "\n")
             print(json.dumps(line), flush=True)
 
         if args.crop_cnn:
             for record in crop_cnn_reference(seed=args.seed, lr=args.lr):
-                write({"reference": "crop_cnn", **record})
+                write(record, {"reference": "crop_cnn", "lr": args.lr, "seed": args.seed})
             return 0
         encoder_capacity(options, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          eval_images=args.eval_images, eval_every=args.eval_every, seed=args.seed,
