@@ -261,6 +261,10 @@ def test_encoder_capacity_learns_colour_and_is_deterministic(tmp_path, capsys):
     assert sum(counts[f"kind_full_{b}"] for b in ("small", "medium", "large")) == counts["kind_full"]
     again = encoder_capacity(options, **kwargs)
     assert [r["acc_color"] for r in again] == [r["acc_color"] for r in first]
+    kind_only = encoder_capacity(options, **kwargs, train_targets=("kind",))    # the colour head is never trained
+    assert kind_only[-1]["acc_color"] < 2 * chance < first[-1]["acc_color"], kind_only
+    with pytest.raises(ConfigError, match="train_targets"):
+        encoder_capacity(options, **kwargs, train_targets=("shape",))
     out = tmp_path / "capacity.jsonl"
     assert main(["--model", json.dumps(options), "--steps", "2", "--eval-every", "1", "--batch-size", "2",
                  "--eval-images", "4", "--out", str(out)]) == 0

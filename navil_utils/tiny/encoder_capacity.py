@@ -29,7 +29,7 @@ import torch
 
 from navil_utils.errors import ConfigError, NaViLError
 from navil_utils.paths import repo_root
-from navil_utils.tiny.token_targets import TOKEN_TARGETS
+from navil_utils.tiny.token_targets import IGNORE_INDEX, TOKEN_TARGETS
 
 
 #: Shape-size buckets of the full-resolution evaluation (longer box side in px, half-open ranges).
@@ -80,7 +80,7 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
                      lr: float = 1e-3, warmup_steps: int = 30, seed: int = 0, data_seed: int = 1,
                      eval_seed: int = 7, eval_images: int = 256, eval_every: int = 100,
                      data: dict[str, Any] | None = None, train_data: dict[str, Any] | None = None,
-                     spread_targets: bool = False,
+                     spread_targets: bool = False, train_targets: tuple[str, ...] = TOKEN_TARGETS,
                      on_eval: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a fresh encoder (``model_options``: overrides of
     :func:`~navil_utils.models.presets.tiny_model_config`) with the token heads alone for ``steps`` steps of
@@ -89,7 +89,8 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     ``on_eval`` as they come). ``data`` overrides :class:`~navil_utils.tiny.synthetic.SyntheticConfig` for
     training and evaluation, ``train_data`` further overrides it for training only (e.g. simpler scenes, with
     the same classes). ``spread_targets`` trains on the spread targets (every token inside a shape's box
-    is labelled); evaluation always reads the token at each object's centre. Deterministic for given arguments
+    is labelled); evaluation always reads the token at each object's centre. ``train_targets``: the targets whose
+    loss trains the encoder (the others' heads are still evaluated, untrained). Deterministic for given arguments
     and thread count."""
     import math
 
@@ -99,6 +100,10 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
 
     if steps < 1 or batch_size < 1 or eval_images < 1 or eval_every < 1:
         raise ConfigError("steps, batch_size, eval_images and eval_every must be positive")
+    unknown = set(train_targets) - set(TOKEN_TARGETS)
+    if unknown or not train_targets:
+        raise ConfigError(f"train_targets must be a non-empty subset of {TOKEN_TARGETS}, got {tuple(train_targets)}")
+    untrained = [k for k, target in enumerate(TOKEN_TARGETS) if target not in train_targets]
     data = dict(data or {})
     config = TrainConfig(tokenizer=str(repo_root() / "data/models/navil-tiny"), model=dict(model_options or {}),
                          data=data, seed=seed)
@@ -152,6 +157,7 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     model.train()
     for step in range(steps):
         pixel_values, grid, targets, _ = train_batch(step)
+        targets[:, untrained] = IGNORE_INDEX
         loss, _ = model.token_heads(model.get_vision_outputs(pixel_values, grid).features, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -239,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-data", default="{}", help="JSON SyntheticConfig overrides for training only")
+    parser.add_argument("--train-targets", default=",".join(TOKEN_TARGETS),
+                        help="comma-separated targets whose loss trains the encoder (default: all)")
     parser.add_argument("--spread-targets", action="store_true", help="train on every token inside a shape's box")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--crop-cnn", action="store_true",
@@ -249,13 +257,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         options, train_data = json.loads(args.model), json.loads(args.train_data)
+        train_targets = tuple(t.strip() for t in args.train_targets.split(",") if t.strip())
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
 
         def write(record: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
             line = {**(settings if settings is not None else {
                 "model": options, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-                "spread_targets": args.spread_targets, "train_data": train_data}), **record}
+                "spread_targets": args.spread_targets, "train_data": train_data,
+                "train_targets": train_targets}), **record}
             with out.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(line) + "\n")
             print(json.dumps(line), flush=True)
@@ -266,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         encoder_capacity(options, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          eval_images=args.eval_images, eval_every=args.eval_every, seed=args.seed,
-                         train_data=train_data, spread_targets=args.spread_targets, on_eval=write)
+                         train_data=train_data, spread_targets=args.spread_targets, train_targets=train_targets,
+                         on_eval=write)
     except (NaViLError, json.JSONDecodeError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
