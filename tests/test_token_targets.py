@@ -329,6 +329,10 @@ def test_the_encoder_capacity_study_says_what_its_data_holds():
     cnn = [json.loads(line) for line in (folder / "crop_cnn.jsonl").read_text().splitlines()]
     assert [(r["shapes_seen"], round(r["acc_kind"], 3)) for r in cnn if r["epoch"] in (1, 2, 6)] == [
         (13668, 0.656), (27336, 0.918), (82008, 0.97)]
+    objective = {(tuple(r["train_targets"]), r["step"]): round(r["acc_kind_full"], 3)
+                 for r in map(json.loads, (folder / "objective.jsonl").read_text().splitlines())}
+    assert [objective[("kind",), step] for step in (200, 300, 400)] == [0.381, 0.54, 0.597]
+    assert objective[("kind", "color"), 400] == 0.389
     readme = (folder / "README.md").read_text()
-    for quoted in ("0.371", "0.435", "0.463", "0.656", "0.918", "**0.970**", "13,668", "82,008"):
+    for quoted in ("0.371", "0.435", "0.463", "0.656", "0.918", "**0.970**", "13,668", "82,008", "**0.597**", "0.389"):
         assert quoted in readme, quoted
