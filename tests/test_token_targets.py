@@ -332,7 +332,11 @@ def test_the_encoder_capacity_study_says_what_its_data_holds():
     objective = {(tuple(r["train_targets"]), r["step"]): round(r["acc_kind_full"], 3)
                  for r in map(json.loads, (folder / "objective.jsonl").read_text().splitlines())}
     assert [objective[("kind",), step] for step in (200, 300, 400)] == [0.381, 0.54, 0.597]
-    assert objective[("kind", "color"), 400] == 0.389
+    assert objective[("kind", "color"), 400] == 0.389 and objective[("kind", "glyph"), 400] == 0.409
+    kind_long = [json.loads(line) for line in (folder / "objective_long.jsonl").read_text().splitlines()]
+    assert [(r["step"], round(r["acc_kind_full"], 3)) for r in kind_long] == [
+        (250, 0.498), (500, 0.765), (750, 0.882), (1000, 0.907)]
     readme = (folder / "README.md").read_text()
-    for quoted in ("0.371", "0.435", "0.463", "0.656", "0.918", "**0.970**", "13,668", "82,008", "**0.597**", "0.389"):
+    for quoted in ("0.371", "0.435", "0.463", "0.656", "0.918", "**0.970**", "13,668", "82,008", "**0.597**", "0.389",
+                   "**0.907**", "0.409"):
         assert quoted in readme, quoted
