@@ -52,11 +52,11 @@ def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, ba
 
     def batch(k: int):
         samples = [data.sample(seed_offset + k * batch_size + j) for j in range(batch_size)]
-        encoded = collator(samples)
-        order = window_layout(encoded.image_grid_thw, merge, window).window_index
-        targets, sizes = [], []
-        for sample in samples:
-            grids = collator.image_inputs(sample.image)[2]
+        pixel_values, grids_of, targets, sizes = [], [], [], []
+        for sample in samples:                         # the images only: the encoder never reads the text
+            _, patches, grids = collator.image_inputs(sample.image)
+            pixel_values.append(patches)
+            grids_of.append(grids)
             targets.append(token_targets(sample, grids, classes, merge_size=merge, spread=spread))
             for scale, (t, h, w) in enumerate(grids.tolist()):
                 size = torch.full((t, h // merge, w // merge), -1, dtype=torch.long)
@@ -68,10 +68,9 @@ def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, ba
                             row, col = token_at((x0 + x1) / 2, (y0 + y1) / 2, *sample.size, h // merge, w // merge)
                             size[:, row, col] = max(x1 - x0, y1 - y0)
                 sizes.append(size.reshape(-1))
-        targets, sizes = torch.cat(targets), torch.cat(sizes)
-        if sizes.numel() != order.numel():
-            raise ConfigError(f"{sizes.numel()} tokens in the images' own grids, {order.numel()} in the batch")
-        return encoded.pixel_values, encoded.image_grid_thw, targets[order], sizes[order]
+        image_grid_thw = torch.cat(grids_of)
+        order = window_layout(image_grid_thw, merge, window).window_index
+        return torch.cat(pixel_values), image_grid_thw, torch.cat(targets)[order], torch.cat(sizes)[order]
 
     return batch
 
@@ -96,7 +95,7 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
 
     from navil_utils.tiny.objectives import attach_token_heads
     from navil_utils.tiny.synthetic import SyntheticVQA
-    from navil_utils.tiny.train import TrainConfig, _tokenizer_for, build_model
+    from navil_utils.tiny.train import TrainConfig, _tokenizer_for, build_model, lr_factor
 
     if steps < 1 or batch_size < 1 or eval_images < 1 or eval_every < 1:
         raise ConfigError("steps, batch_size, eval_images and eval_every must be positive")
@@ -106,7 +105,7 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     untrained = [k for k, target in enumerate(TOKEN_TARGETS) if target not in train_targets]
     data = dict(data or {})
     config = TrainConfig(tokenizer=str(repo_root() / "data/models/navil-tiny"), model=dict(model_options or {}),
-                         data=data, seed=seed)
+                         data=data, seed=seed, total_steps=steps, warmup_steps=warmup_steps, min_lr_ratio=0.05)
     tokenizer, _ = _tokenizer_for(config)
     model = build_model(config, tokenizer)
     attach_token_heads(model, data, seed + 1)
@@ -114,13 +113,7 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
                                    "token_heads": model.token_heads})
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
     train_set = SyntheticVQA(data_seed, **{**data, **(train_data or {})})
     train_batch = _encoder_batches(model, tokenizer, train_set, 0, batch_size, spread=spread_targets)
     eval_batch = _encoder_batches(model, tokenizer, SyntheticVQA(eval_seed, **data), 0, min(batch_size, eval_images))
