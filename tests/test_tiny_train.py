@@ -1,7 +1,10 @@
 """Training the tiny NaViL: a short run learns, and a killed run resumes bit for bit."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,29 +171,27 @@ def test_resume_message_only_when_resuming(tmp_path, capsys):
 def test_data_parallel_run_under_accelerate_launch_matches_one_process(tmp_path):
     """Two CPU processes under ``accelerate launch`` (gloo) split each batch and make the single-process
     updates: the same tokens, losses and weights up to float32 round-off."""
-    import os
     import socket
-    import subprocess
     import sys
-    from pathlib import Path
 
     config = tmp_path / "config.json"
     values = json.loads(micro_config(tmp_path, batch_size=8, eval_every=3, eval_batches=1).to_json())
     values.pop("out")
     config.write_text(json.dumps(values))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "navil_utils.train", "--out", str(tmp_path / "one"), "--config",
-                             str(config)], capture_output=True, text=True, env=env, timeout=300)
+    env = {**{k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES},
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    single = run_with_stack_dump([sys.executable, "-m", "navil_utils.train", "--out", str(tmp_path / "one"),
+                                  "--config", str(config)], env, tmp_path / "one.log")
     assert single.returncode == 0, single.stderr[-2000:]
     launcher = Path(sys.executable).with_name("accelerate")
     with socket.socket() as probe:      # a free rendezvous port: a stray process on the default 29500 cannot block it
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    parallel = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                               "--main_process_port", str(port),
-                               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "navil_utils.train",
-                               "--out", str(tmp_path / "two"), "--config", str(config)],
-                              capture_output=True, text=True, env=env, timeout=300)
+    parallel = run_with_stack_dump([str(launcher), "launch", "--multi_gpu", "--num_processes", "2",
+                                    "--num_machines", "1", "--main_process_port", str(port),
+                                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "navil_utils.train",
+                                    "--out", str(tmp_path / "two"), "--config", str(config)],
+                                   env, tmp_path / "two.log")
     assert parallel.returncode == 0, parallel.stderr[-3000:]
     assert "[rank1]" in parallel.stderr  # two processes ran
     logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
@@ -203,3 +204,46 @@ def test_data_parallel_run_under_accelerate_launch_matches_one_process(tmp_path)
     one, two = (load_file(str(tmp_path / run / "final" / "model.safetensors")) for run in ("one", "two"))
     assert one.keys() == two.keys()
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
+
+
+# variables an outer launcher may have set; the launched run must start its own process group
+DISTRIBUTED_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                         "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
+
+
+def run_with_stack_dump(command: list[str], env: dict[str, str], log: Path, timeout: float = 300):
+    """Run ``command`` with stdout/stderr in files; returns a CompletedProcess. If it outlives ``timeout``, it
+    and every process it started (torch's launcher puts each rank in a session of its own) get SIGABRT — with
+    ``PYTHONFAULTHANDLER=1`` each Python process prints where it waits — then SIGKILL, and the test fails with
+    those stacks: a hang is diagnosable and leaves no stray rank holding a core."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    with open(log.with_suffix(".out"), "w+") as out, open(log.with_suffix(".err"), "w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env)
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = [psutil.Process(process.pid)]
+            with contextlib.suppress(psutil.Error):
+                tree += tree[0].children(recursive=True)
+            listing = []
+            for member in tree:
+                with contextlib.suppress(psutil.Error):
+                    listing.append(f"{member.pid} {member.status()} {' '.join(member.cmdline())[:200]}")
+                    member.send_signal(signal.SIGABRT)
+            time.sleep(5)
+            for member in tree:
+                with contextlib.suppress(psutil.Error):
+                    member.kill()
+            process.wait()
+            err.seek(0)
+            listing_text = "\n".join(listing)
+            pytest.fail(f"{command[:3]} still running after {timeout} s; processes:\n{listing_text}\n"
+                        f"stderr with their stacks:\n{err.read()[-20000:]}")
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, returncode, out.read(), err.read())

@@ -130,6 +130,40 @@ def test_question_loss_averages_each_qa_first():
     assert not torch.allclose(total / count, token_mean)                 # the two averages differ
 
 
+def test_token_loss_weights_weight_each_target_and_zero_leaves_it_untrained():
+    """Σ w·CE / Σ w over the targets in the batch; a target of weight 0 gets no gradient but keeps its accuracy;
+    no weights = the plain mean."""
+    from navil_utils.tiny.objectives import TokenHeads
+
+    classes = {"kind": ("a", "b", "c"), "color": ("r", "g"), "glyph": ("x", "y", "z", "w")}
+    torch.manual_seed(0)
+    heads = TokenHeads(8, classes)
+    tokens = torch.randn(6, 8)
+    targets = torch.tensor([[0, 1, -100], [2, 0, 3], [1, 1, -100], [0, 0, 1], [-100, 1, -100], [2, 0, -100]])
+    ce = {}
+    for k, target in enumerate(TOKEN_TARGETS):
+        keep = targets[:, k] >= 0
+        ce[target] = torch.nn.functional.cross_entropy(heads.logits(tokens[keep], target), targets[keep, k])
+    plain, accuracy = heads(tokens, targets)
+    torch.testing.assert_close(plain, (ce["kind"] + ce["color"] + ce["glyph"]) / 3)
+    weighted, _ = heads(tokens, targets, {"kind": 2.0, "color": 0.5})            # glyph: missing = 1
+    torch.testing.assert_close(weighted, (2 * ce["kind"] + 0.5 * ce["color"] + ce["glyph"]) / 3.5)
+    heads.zero_grad()
+    kind_only, kind_accuracy = heads(tokens, targets, {"color": 0.0, "glyph": 0.0})
+    torch.testing.assert_close(kind_only, ce["kind"])
+    kind_only.backward()
+    assert heads.heads["kind"].weight.grad.abs().sum() > 0
+    assert heads.heads["color"].weight.grad is None and heads.heads["glyph"].weight.grad is None
+    assert kind_accuracy == accuracy and set(accuracy) == set(TOKEN_TARGETS)  # still measured
+
+
+@pytest.mark.parametrize("weights", [{"shape": 1.0}, {"kind": -1.0}, {"kind": float("inf")},
+                                     {"kind": 0, "color": 0, "glyph": 0}, [1.0], {"kind": "1"}])
+def test_bad_token_loss_weights_are_refused(tmp_path, weights):
+    with pytest.raises(ConfigError, match="token_loss_weights"):
+        micro_config(tmp_path, token_loss=0.5, token_loss_weights=weights).validate()
+
+
 @pytest.mark.parametrize(("option", "value"), [("loss_averaging", "sample"), ("token_loss", -1.0),
                                                ("connector_init_scale", 0.0)])
 def test_bad_training_levers_are_refused(tmp_path, option, value):
@@ -263,8 +297,12 @@ def test_encoder_capacity_learns_colour_and_is_deterministic(tmp_path, capsys):
     assert [r["acc_color"] for r in again] == [r["acc_color"] for r in first]
     kind_only = encoder_capacity(options, **kwargs, train_targets=("kind",))    # the colour head is never trained
     assert kind_only[-1]["acc_color"] < 2 * chance < first[-1]["acc_color"], kind_only
+    weighted = encoder_capacity(options, **kwargs, target_weights={"color": 0.0, "glyph": 0.0})
+    assert [r["acc_kind"] for r in weighted] == [r["acc_kind"] for r in kind_only]   # the same run, another way
     with pytest.raises(ConfigError, match="train_targets"):
         encoder_capacity(options, **kwargs, train_targets=("shape",))
+    with pytest.raises(ConfigError, match="token_loss_weights"):
+        encoder_capacity(options, **kwargs, target_weights={"shape": 1.0})
     out = tmp_path / "capacity.jsonl"
     assert main(["--model", json.dumps(options), "--steps", "2", "--eval-every", "1", "--batch-size", "2",
                  "--eval-images", "4", "--out", str(out)]) == 0
@@ -273,6 +311,33 @@ def test_encoder_capacity_learns_colour_and_is_deterministic(tmp_path, capsys):
     assert main(["--model", "{not json", "--out", str(out)]) == 1
     assert main(["--model", json.dumps({"patch_size": 7}), "--out", str(out)]) == 1
     assert "pixel budget" in capsys.readouterr().err
+
+
+def test_encoder_pretraining_exports_a_model_a_training_run_starts_from(tmp_path):
+    """``save=``: the encoder trained by the token heads is exported with the language model as initialised and
+    no heads — a strict-loading checkpoint that ``init_from`` starts a full training run from."""
+    from safetensors.torch import load_file
+
+    from navil_utils.tiny.encoder_capacity import encoder_capacity
+
+    data = {"image_size_range": [64, 64], "aspect_ratios": [1.0]}
+    pretrained = tmp_path / "pretrained"
+    records = encoder_capacity(MICRO_MODEL, steps=3, batch_size=2, warmup_steps=1, eval_images=2, eval_every=3,
+                               data=data, target_weights={"color": 0.1, "glyph": 0.0}, save=pretrained)
+    model = load_model(pretrained)                                        # strict: no token_heads keys
+    assert not any(k.startswith("token_heads") for k in model.state_dict())
+    settings = json.loads((pretrained / "encoder_pretraining.json").read_text())
+    assert settings["steps"] == 3 and settings["last_eval"] == records[-1]
+    fresh = encoder_capacity(MICRO_MODEL, steps=1, batch_size=2, warmup_steps=1, eval_images=2, eval_every=1,
+                             data=data, save=tmp_path / "fresh")
+    assert fresh and load_file(str(tmp_path / "fresh" / "model.safetensors")).keys() == model.state_dict().keys()
+    saved = load_file(str(pretrained / "model.safetensors"))
+    other = load_file(str(tmp_path / "fresh" / "model.safetensors"))
+    changed = {k for k in saved if not torch.equal(saved[k], other[k])}
+    assert changed and all(k.startswith(("vision_model.", "mlp1.")) for k in changed)   # only the encoder trained
+    run = tmp_path / "run"
+    train(micro_config(run, total_steps=1, data=data, init_from=str(pretrained), token_loss=0.5))
+    assert (run / "final" / "model.safetensors").exists()
 
 
 def test_spread_targets_label_every_token_inside_a_shape_and_keep_the_centre_ones():

@@ -80,6 +80,7 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
                      eval_seed: int = 7, eval_images: int = 256, eval_every: int = 100,
                      data: dict[str, Any] | None = None, train_data: dict[str, Any] | None = None,
                      spread_targets: bool = False, train_targets: tuple[str, ...] = TOKEN_TARGETS,
+                     target_weights: dict[str, float] | None = None, save: str | Path | None = None,
                      on_eval: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a fresh encoder (``model_options``: overrides of
     :func:`~navil_utils.models.presets.tiny_model_config`) with the token heads alone for ``steps`` steps of
@@ -89,24 +90,29 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     training and evaluation, ``train_data`` further overrides it for training only (e.g. simpler scenes, with
     the same classes). ``spread_targets`` trains on the spread targets (every token inside a shape's box
     is labelled); evaluation always reads the token at each object's centre. ``train_targets``: the targets whose
-    loss trains the encoder (the others' heads are still evaluated, untrained). Deterministic for given arguments
+    loss trains the encoder (the others' heads are still evaluated, untrained); ``target_weights`` weight the
+    trained targets' losses (``TrainConfig.token_loss_weights``; None = equal). ``save``: a directory the trained
+    model is exported to at the end (:func:`~navil_utils.tiny.train.export_model`: the trained encoder with the
+    language model as initialised, no token heads) — a training run's ``init_from``, i.e. encoder pretraining.
+    Deterministic for given arguments
     and thread count."""
     import math
 
     from navil_utils.tiny.objectives import attach_token_heads
     from navil_utils.tiny.synthetic import SyntheticVQA
-    from navil_utils.tiny.train import TrainConfig, _tokenizer_for, build_model, lr_factor
+    from navil_utils.tiny.train import TrainConfig, _tokenizer_for, build_model, export_model, lr_factor
 
     if steps < 1 or batch_size < 1 or eval_images < 1 or eval_every < 1:
         raise ConfigError("steps, batch_size, eval_images and eval_every must be positive")
     unknown = set(train_targets) - set(TOKEN_TARGETS)
     if unknown or not train_targets:
         raise ConfigError(f"train_targets must be a non-empty subset of {TOKEN_TARGETS}, got {tuple(train_targets)}")
+    TrainConfig(token_loss_weights=target_weights).validate()  # the same rule as a training run's
     untrained = [k for k, target in enumerate(TOKEN_TARGETS) if target not in train_targets]
     data = dict(data or {})
     config = TrainConfig(tokenizer=str(repo_root() / "data/models/navil-tiny"), model=dict(model_options or {}),
                          data=data, seed=seed, total_steps=steps, warmup_steps=warmup_steps, min_lr_ratio=0.05)
-    tokenizer, _ = _tokenizer_for(config)
+    tokenizer, tokenizer_dir = _tokenizer_for(config)
     model = build_model(config, tokenizer)
     attach_token_heads(model, data, seed + 1)
     encoder = torch.nn.ModuleDict({"vision_model": model.vision_model, "mlp1": model.mlp1,
@@ -151,7 +157,7 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     for step in range(steps):
         pixel_values, grid, targets, _ = train_batch(step)
         targets[:, untrained] = IGNORE_INDEX
-        loss, _ = model.token_heads(model.get_vision_outputs(pixel_values, grid).features, targets)
+        loss, _ = model.token_heads(model.get_vision_outputs(pixel_values, grid).features, targets, target_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
@@ -159,6 +165,13 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
         scheduler.step()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             evaluate(step + 1)
+    if save is not None:
+        export_model(model.eval(), tokenizer_dir, save)
+        (Path(save) / "encoder_pretraining.json").write_text(json.dumps(
+            {"model": dict(model_options or {}), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+             "data_seed": data_seed, "data": data, "train_data": train_data or {}, "spread_targets": spread_targets,
+             "train_targets": list(train_targets), "target_weights": target_weights, "last_eval": records[-1]},
+            indent=1) + "\n", encoding="utf-8")
     return records
 
 
@@ -240,10 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-data", default="{}", help="JSON SyntheticConfig overrides for training only")
     parser.add_argument("--train-targets", default=",".join(TOKEN_TARGETS),
                         help="comma-separated targets whose loss trains the encoder (default: all)")
+    parser.add_argument("--target-weights", default=None,
+                        help='JSON {target: weight} for the trained targets\' losses, e.g. \'{"color": 0.1}\'')
     parser.add_argument("--spread-targets", action="store_true", help="train on every token inside a shape's box")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--crop-cnn", action="store_true",
                         help="run crop_cnn_reference instead (a small CNN on each shape's 32-px token crop)")
+    parser.add_argument("--save", default=None,
+                        help="export the trained model here (a training run's init_from: encoder pretraining)")
     parser.add_argument("--out", required=True, help="JSON-lines file the evaluations are appended to")
     args = parser.parse_args(argv)
     if args.threads:
@@ -251,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options, train_data = json.loads(args.model), json.loads(args.train_data)
         train_targets = tuple(t.strip() for t in args.train_targets.split(",") if t.strip())
+        target_weights = json.loads(args.target_weights) if args.target_weights else None
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -258,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             line = {**(settings if settings is not None else {
                 "model": options, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
                 "spread_targets": args.spread_targets, "train_data": train_data,
-                "train_targets": train_targets}), **record}
+                "train_targets": train_targets, **({"target_weights": target_weights} if target_weights else {})}),
+                **record}
             with out.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(line) + "\n")
             print(json.dumps(line), flush=True)
@@ -270,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder_capacity(options, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          eval_images=args.eval_images, eval_every=args.eval_every, seed=args.seed,
                          train_data=train_data, spread_targets=args.spread_targets, train_targets=train_targets,
-                         on_eval=write)
+                         target_weights=target_weights, save=args.save, on_eval=write)
     except (NaViLError, json.JSONDecodeError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1

@@ -34,21 +34,27 @@ class TokenHeads(torch.nn.Module):
         features = torch.nn.functional.rms_norm(features, features.shape[-1:], eps=1e-6)
         return self.heads[target](features)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """``tokens`` ``(n, H)``, ``targets`` ``(n, 3)`` (-100 = none) → (mean of the targets' cross-entropies,
-        accuracy per target on the tokens that have one)."""
-        losses, accuracy = [], {}
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, weights: dict[str, float] | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``tokens`` ``(n, H)``, ``targets`` ``(n, 3)`` (-100 = none) → (weighted mean of the targets'
+        cross-entropies, accuracy per target on the tokens that have one). ``weights`` per target (missing = 1;
+        None = all 1): the loss is ``Σ w·CE / Σ w`` over the targets present in the batch; a target of weight 0
+        does not train (its accuracy is still reported)."""
+        losses, shares, accuracy = [], [], {}
         for k, target in enumerate(self.targets):
             labels = targets[:, k]
             keep = labels >= 0
             if not bool(keep.any()):
                 continue
+            weight = 1.0 if weights is None else float(weights.get(target, 1.0))
             logits = self.logits(tokens[keep], target)
-            losses.append(torch.nn.functional.cross_entropy(logits, labels[keep]))
             accuracy[target] = float((logits.detach().argmax(-1) == labels[keep]).float().mean())
+            if weight > 0:
+                losses.append(torch.nn.functional.cross_entropy(logits, labels[keep]) * weight)
+                shares.append(weight)
         if not losses:
             return tokens.sum() * 0.0, accuracy
-        return torch.stack(losses).mean(), accuracy
+        return torch.stack(losses).sum() / sum(shares), accuracy
 
 
 def attach_token_heads(model: torch.nn.Module, data: dict[str, Any], seed: int) -> None:

@@ -106,6 +106,8 @@ class TrainConfig:
     token_loss: float = 0.0            # weight of the auxiliary per-visual-token loss (NaViL only; 0 = off):
     #                                    linear heads on the LLM's visual tokens predict the kind, colour and
     #                                    glyph of the object each token shows (tiny/token_targets.py)
+    token_loss_weights: dict[str, float] | None = None  # weight per token-loss target (kind/color/glyph;
+    #                                    missing = 1, None = equal): Σ w·CE / Σ w; 0 leaves a target untrained
     connector_init_scale: float = 1.0  # multiplies the initial weights of the connector's last linear layer
     #                                    (< 1 starts the visual tokens nearer the text embeddings' scale)
     log_every: int = 50
@@ -209,6 +211,15 @@ class TrainConfig:
             fail("loss_averaging", self.loss_averaging, " or ".join(repr(a) for a in LOSS_AVERAGING))
         if not is_number(self.token_loss) or not 0 <= self.token_loss < math.inf:
             fail("token_loss", self.token_loss, "a finite number >= 0")
+        weights = self.token_loss_weights
+        if weights is not None:
+            from navil_utils.tiny.token_targets import TOKEN_TARGETS
+
+            if (not isinstance(weights, dict) or not set(weights) <= set(TOKEN_TARGETS)
+                    or not all(is_number(w) and 0 <= w < math.inf for w in weights.values())
+                    or not any(weights.get(t, 1) > 0 for t in TOKEN_TARGETS)):
+                fail("token_loss_weights", weights, f"null or {{target: weight}} with targets from {TOKEN_TARGETS}, "
+                     "finite weights >= 0, not all 0")
         if self.token_loss and self.architecture != "navil":
             fail("token_loss", self.token_loss, "0 with architecture='nvlm_d' (the per-token loss is NaViL's)")
         if not is_number(self.connector_init_scale) or not 0 < self.connector_init_scale < math.inf:
@@ -591,12 +602,20 @@ class DataParallel:
         loss.backward() if self.accelerator is None else self.accelerator.backward(loss)
 
     def close(self) -> None:
-        """Wait for every process, then tear the process group down (a process that exits with its gloo group
-        still open can abort in the C++ destructors: "terminate called without an active exception")."""
+        """Wait for every process, free the DDP model while the group is still up, then tear the group down.
+        The order matters: a process that exits with its gloo group open can abort in the C++ destructors
+        ("terminate called without an active exception"), and one whose DDP reducer outlived the group could
+        hang in them at exit (seen about once in seven launches on a loaded 2-core machine). The caller drops
+        its own reference to the wrapped model first."""
         if self.accelerator is None:
             return
+        import gc
+
         import torch.distributed as dist
 
+        self.accelerator.wait_for_everyone()
+        self.accelerator.free_memory()   # the accelerator's references to the prepared (DDP) model
+        gc.collect()
         self.accelerator.wait_for_everyone()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -739,7 +758,7 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
         if config.token_loss:
             targets = batch.extra["token_targets"]
             targets = targets[window_layout(batch.image_grid_thw.cpu(), merge, window).window_index].to(device)
-            auxiliary, token_accuracy = module.token_heads(visual_tokens[-1], targets)
+            auxiliary, token_accuracy = module.token_heads(visual_tokens[-1], targets, config.token_loss_weights)
             total = total + config.token_loss * auxiliary
             window_aux += float(auxiliary.detach())
             for target, value in token_accuracy.items():
@@ -804,6 +823,7 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     log.close()
     if parallel.is_main:
         export_model(module, tokenizer_dir, out / "final")
+    del model  # the DDP wrapper goes before the process group (close): freed later, it could hang the exit
     parallel.close()
     if stopped_early:
         print(f"time limit reached at step {state['step']}/{config.total_steps}; re-run the same command to resume", flush=True)
