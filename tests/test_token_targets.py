@@ -304,10 +304,13 @@ def test_encoder_capacity_learns_colour_and_is_deterministic(tmp_path, capsys):
     with pytest.raises(ConfigError, match="token_loss_weights"):
         encoder_capacity(options, **kwargs, target_weights={"shape": 1.0})
     out = tmp_path / "capacity.jsonl"
+    small = {"image_size_range": [64, 64], "aspect_ratios": [1.0]}
     assert main(["--model", json.dumps(options), "--steps", "2", "--eval-every", "1", "--batch-size", "2",
-                 "--eval-images", "4", "--out", str(out)]) == 0
+                 "--eval-images", "4", "--data", json.dumps(small), "--target-weights", '{"glyph": 0}',
+                 "--out", str(out)]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2] and lines[0]["model"] == options
+    assert lines[0]["data"] == small and lines[0]["target_weights"] == {"glyph": 0}
     assert main(["--model", "{not json", "--out", str(out)]) == 1
     assert main(["--model", json.dumps({"patch_size": 7}), "--out", str(out)]) == 1
     assert "pixel budget" in capsys.readouterr().err

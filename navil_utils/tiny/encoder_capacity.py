@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-images", type=int, default=256)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default="{}", help="JSON SyntheticConfig overrides for training and evaluation")
     parser.add_argument("--train-data", default="{}", help="JSON SyntheticConfig overrides for training only")
     parser.add_argument("--train-targets", default=",".join(TOKEN_TARGETS),
                         help="comma-separated targets whose loss trains the encoder (default: all)")
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        options, train_data = json.loads(args.model), json.loads(args.train_data)
+        options, data, train_data = json.loads(args.model), json.loads(args.data), json.loads(args.train_data)
         train_targets = tuple(t.strip() for t in args.train_targets.split(",") if t.strip())
         target_weights = json.loads(args.target_weights) if args.target_weights else None
         out = Path(args.out)
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         def write(record: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
             line = {**(settings if settings is not None else {
                 "model": options, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-                "spread_targets": args.spread_targets, "train_data": train_data,
+                "spread_targets": args.spread_targets, **({"data": data} if data else {}), "train_data": train_data,
                 "train_targets": train_targets, **({"target_weights": target_weights} if target_weights else {})}),
                 **record}
             with out.open("a", encoding="utf-8") as handle:
@@ -283,12 +284,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(line), flush=True)
 
         if args.crop_cnn:
-            for record in crop_cnn_reference(seed=args.seed, lr=args.lr):
+            for record in crop_cnn_reference(seed=args.seed, lr=args.lr, data=data):
                 write(record, {"reference": "crop_cnn", "lr": args.lr, "seed": args.seed})
             return 0
         encoder_capacity(options, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          eval_images=args.eval_images, eval_every=args.eval_every, seed=args.seed,
-                         train_data=train_data, spread_targets=args.spread_targets, train_targets=train_targets,
+                         data=data, train_data=train_data, spread_targets=args.spread_targets, train_targets=train_targets,
                          target_weights=target_weights, save=args.save, on_eval=write)
     except (NaViLError, json.JSONDecodeError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
