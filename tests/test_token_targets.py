@@ -361,6 +361,10 @@ def test_spread_targets_label_every_token_inside_a_shape_and_keep_the_centre_one
     glyphs = plain[..., 2] >= 0
     assert torch.equal(spread[glyphs], plain[glyphs])                                # characters as before
     assert torch.equal(spread[plain[..., 0] >= 0], plain[plain[..., 0] >= 0])
+    from navil_utils.tiny.token_targets import shape_tokens
+
+    assert shape_tokens(sample, 4, 4) == [(square, 1, 1)]                           # shapes only, at their centre
+    assert shape_tokens(sample, 2, 4) == [(square, 0, 1)]
 
 
 def test_crop_cnn_reference_is_deterministic_and_reports_by_size():

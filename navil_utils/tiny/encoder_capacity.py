@@ -44,7 +44,7 @@ def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, ba
     in the token, 0 for none."""
     from navil_utils.models.vision import window_layout
     from navil_utils.tiny.data import TinyCollator
-    from navil_utils.tiny.token_targets import target_classes, token_at, token_targets
+    from navil_utils.tiny.token_targets import shape_tokens, target_classes, token_targets
 
     classes = target_classes(data.config)
     collator = TinyCollator.from_model_config(model.config, tokenizer)
@@ -62,11 +62,8 @@ def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, ba
                 size = torch.full((t, h // merge, w // merge), -1, dtype=torch.long)
                 if scale == len(grids) - 1:               # each image's last, largest scale: full resolution
                     size[:] = 0
-                    for obj in sample.objects:
-                        if obj.kind != "text":
-                            x0, y0, x1, y1 = obj.box
-                            row, col = token_at((x0 + x1) / 2, (y0 + y1) / 2, *sample.size, h // merge, w // merge)
-                            size[:, row, col] = max(x1 - x0, y1 - y0)
+                    for obj, row, col in shape_tokens(sample, h // merge, w // merge):
+                        size[:, row, col] = max(obj.box[2] - obj.box[0], obj.box[3] - obj.box[1])
                 sizes.append(size.reshape(-1))
         image_grid_thw = torch.cat(grids_of)
         order = window_layout(image_grid_thw, merge, window).window_index
@@ -186,7 +183,7 @@ def crop_cnn_reference(*, train_images: int = 4000, eval_images: int = 400, epoc
     import numpy as np
 
     from navil_utils.tiny.synthetic import SyntheticVQA
-    from navil_utils.tiny.token_targets import target_classes, token_at
+    from navil_utils.tiny.token_targets import shape_tokens, target_classes
 
     data = dict(data or {})
     kinds = target_classes(SyntheticVQA(data_seed, **data).config)["kind"]
@@ -197,16 +194,11 @@ def crop_cnn_reference(*, train_images: int = 4000, eval_images: int = 400, epoc
             sample = dataset.sample(index)
             width, height = sample.size
             image = np.asarray(sample.image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-            rows, cols = height // token_side, width // token_side
-            for obj in sample.objects:
-                if obj.kind == "text":
-                    continue
-                x0, y0, x1, y1 = obj.box
-                row, col = token_at((x0 + x1) / 2, (y0 + y1) / 2, width, height, rows, cols)
+            for obj, row, col in shape_tokens(sample, height // token_side, width // token_side):
                 crop = image[row * token_side:(row + 1) * token_side, col * token_side:(col + 1) * token_side]
                 pixels.append(crop.transpose(2, 0, 1))
                 labels.append(kinds.index(obj.kind))
-                sizes.append(max(x1 - x0, y1 - y0))
+                sizes.append(max(obj.box[2] - obj.box[0], obj.box[3] - obj.box[1]))
         return torch.from_numpy(np.stack(pixels)), torch.tensor(labels), torch.tensor(sizes)
 
     train_x, train_y, _ = crops(data_seed, train_images)

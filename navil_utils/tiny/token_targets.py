@@ -64,6 +64,14 @@ def token_at(x: float, y: float, width: int, height: int, rows: int, cols: int) 
     return min(rows - 1, max(0, int(y / height * rows))), min(cols - 1, max(0, int(x / width * cols)))
 
 
+def shape_tokens(sample: Any, rows: int, cols: int) -> list[tuple[SceneObject, int, int]]:
+    """``(shape, row, col)`` for every shape (not text) of ``sample``: the raster token at its box centre when
+    the image is shown as ``rows × cols`` tokens — where the token targets put its kind and colour."""
+    width, height = sample.size
+    return [(obj, *token_at((obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2, width, height, rows, cols))
+            for obj in sample.objects if obj.kind != "text"]
+
+
 def token_targets(sample: Any, image_grid_thw: torch.Tensor, classes: dict[str, tuple[str, ...]], *,
                   merge_size: int, spread: bool = False) -> torch.Tensor:
     """``(n_tokens, 3)`` long: the :data:`TOKEN_TARGETS` classes of every merged token of ``sample``'s image, scale
