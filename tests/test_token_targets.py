@@ -408,7 +408,19 @@ def test_the_encoder_capacity_study_says_what_its_data_holds():
     kind_long = [json.loads(line) for line in (folder / "objective_long.jsonl").read_text().splitlines()]
     assert [(r["step"], round(r["acc_kind_full"], 3)) for r in kind_long] == [
         (250, 0.498), (500, 0.765), (750, 0.882), (1000, 0.907)]
+    weighted = {tuple(r["target_weights"][t] for t in TOKEN_TARGETS): (round(r["acc_kind_full"], 3),
+                                                                     round(r["acc_color_full"], 3))
+                for r in map(json.loads, (folder / "weights.jsonl").read_text().splitlines()) if r["step"] == 400}
+    assert weighted == {(1, 0.1, 0.1): (0.494, 0.97), (1, 0.1, 0): (0.541, 0.971), (1, 0.02, 0.02): (0.581, 0.836)}
+    pretraining = [json.loads(line) for line in (folder / "pretraining.jsonl").read_text().splitlines()]
+    assert [(r["step"], round(r["acc_kind_full"], 3)) for r in pretraining] == [
+        (250, 0.428), (500, 0.645), (750, 0.799), (1000, 0.84)]
+    assert round(pretraining[-1]["acc_color_full"], 3) == 0.967
+    glyphs = [json.loads(line) for line in (folder / "glyphs.jsonl").read_text().splitlines()]
+    assert (glyphs[-1]["step"], round(glyphs[-1]["acc_glyph_full"], 3), glyphs[-1]["eval_tokens"]["glyph_full"]) == (
+        400, 0.13, 100)
     readme = (folder / "README.md").read_text()
     for quoted in ("0.371", "0.435", "0.463", "0.656", "0.918", "**0.970**", "13,668", "82,008", "**0.597**", "0.389",
-                   "**0.907**", "0.409"):
+                   "**0.907**", "0.409", "| 0.494 | 0.970 |", "| 0.541 | 0.971 |", "| 0.581 | 0.836 |", "**0.840**",
+                   "0.967"):
         assert quoted in readme, quoted
