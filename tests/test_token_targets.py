@@ -424,3 +424,15 @@ def test_the_encoder_capacity_study_says_what_its_data_holds():
                    "**0.907**", "0.409", "| 0.494 | 0.970 |", "| 0.541 | 0.971 |", "| 0.581 | 0.836 |", "**0.840**",
                    "0.967"):
         assert quoted in readme, quoted
+
+
+def test_gen2b_recipe_is_gen2_started_from_the_pretrained_encoder_with_kind_weighted_token_loss():
+    configs = repo_root() / "configs"
+    gen2 = json.loads((configs / "tiny_gen2_stage1.json").read_text())
+    gen2b = json.loads((configs / "tiny_gen2b_stage1.json").read_text())
+    assert gen2b.pop("init_from") == "runs/navil-tiny-gen2b/stage0"       # encoder_capacity --save (its README)
+    assert gen2b.pop("token_loss_weights") == {"kind": 1.0, "color": 0.1, "glyph": 0.0}
+    assert gen2.pop("connector_init_scale") == 0.125                       # the connector comes pretrained
+    assert gen2b == gen2
+    for name in ("tiny_stage1", "tiny_stage2", "tiny_gen2_stage1", "tiny_gen2_stage2", "tiny_gen2b_stage1"):
+        TrainConfig.from_dict({**json.loads((configs / f"{name}.json").read_text()), "out": "unused"}).validate()
