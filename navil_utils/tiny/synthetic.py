@@ -240,6 +240,7 @@ class SyntheticConfig:
     text_length_range: tuple[int, int] = (2, 4)
     text_sizes: tuple[int, ...] = (8, 12, 18, 26, 34)
     distractor_text_prob: float = 0.3
+    max_distractor_texts: int = 1      # distractor texts tried per scene, each kept with distractor_text_prob
     extra_qas: int = 0
 
     def __post_init__(self) -> None:
@@ -290,6 +291,8 @@ class SyntheticConfig:
             raise ConfigError(f"text_sizes must be font sizes >= 4 px, got {self.text_sizes}")
         if not 0.0 <= self.distractor_text_prob <= 1.0:
             raise ConfigError(f"distractor_text_prob must be in [0, 1], got {self.distractor_text_prob}")
+        if not isinstance(self.max_distractor_texts, int) or not 0 <= self.max_distractor_texts <= 8:
+            raise ConfigError(f"max_distractor_texts must be an integer in [0, 8], got {self.max_distractor_texts!r}")
         if self.extra_qas < 0:
             raise ConfigError(f"extra_qas must be >= 0, got {self.extra_qas}")
 
@@ -735,15 +738,18 @@ class SyntheticVQA:
 
     def _distractors(self, rng, scene, attempt, allowed: Callable[[str, str], bool], max_new: int,
                      regions: Sequence[str] = REGIONS, text_regions: Sequence[str] = REGIONS, text: bool = True) -> None:
-        """Add up to ``max_new`` random shapes with ``allowed(kind, color)``, and maybe a distractor text."""
+        """Add up to ``max_new`` random shapes with ``allowed(kind, color)``, and maybe distractor texts (up to
+        ``max_distractor_texts`` tries, each with ``distractor_text_prob``; one that finds no free place is
+        dropped)."""
         cfg = self.config
         options = [(k, c) for k in cfg.shape_kinds for c in cfg.colors if allowed(k, c)]
         n = rng.integer(0, max_new) if options else 0
         for _ in range(n):
             kind, color = rng.pick(options)
             self._add_shape(rng, scene, kind, color, attempt, regions, required=False)
-        if text and rng.random() < cfg.distractor_text_prob:
-            self._add_text(rng, scene, self._random_text(rng), text_regions, required=False)
+        for _ in range(cfg.max_distractor_texts if text else 0):
+            if rng.random() < cfg.distractor_text_prob:
+                self._add_text(rng, scene, self._random_text(rng), text_regions, required=False)
 
     def _build(self, rng: _Rng, qtype: str, width: int, height: int) -> tuple[_Scene, QA]:
         builder = getattr(self, f"_build_{qtype}")
