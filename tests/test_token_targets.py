@@ -450,5 +450,19 @@ def test_gen2b_recipe_is_gen2_started_from_the_pretrained_encoder_with_kind_weig
     assert gen2b.pop("token_loss_weights") == {"kind": 1.0, "color": 0.1, "glyph": 0.0}
     assert gen2.pop("connector_init_scale") == 0.125                       # the connector comes pretrained
     assert gen2b == gen2
+    shipped = {r["step"]: r for r in map(json.loads, (repo_root() / "data/models/navil-tiny/training_log_stage1.jsonl")
+                                          .read_text().splitlines()) if "eval_overall" in r}
+    runs: dict[str, dict[int, dict]] = {}
+    for r in map(json.loads, (repo_root() / "data/encoder_capacity/end_to_end.jsonl").read_text().splitlines()):
+        runs.setdefault(r["config"], {})[r["step"]] = r
+    readme = (configs / "README.md").read_text()
+    for name, log in (("tiny_stage1", shipped), ("tiny_gen2_stage1", runs["configs/tiny_gen2_stage1.json"]),
+                      ("tiny_gen2b_stage1", runs["configs/tiny_gen2b_stage1.json"])):
+        quoted = " / ".join(f"{log[step]['eval_overall']:.3f}" for step in (200, 400, 600, 800, 1000))
+        assert quoted in readme, (name, quoted)                        # the gen-2b row quotes all three runs
+    gen2b_runs = runs["configs/tiny_gen2b_stage1.json"]
+    assert all(gen2b_runs[step]["eval_overall"] > shipped[step]["eval_overall"] + 0.06 for step in range(200, 1001, 200))
+    assert [round(gen2b_runs[s]["eval_per_type"]["color"], 2) for s in range(200, 1001, 200)] == [
+        0.9, 0.93, 0.95, 0.98, 0.97]
     for name in ("tiny_stage1", "tiny_stage2", "tiny_gen2_stage1", "tiny_gen2_stage2", "tiny_gen2b_stage1"):
         TrainConfig.from_dict({**json.loads((configs / f"{name}.json").read_text()), "out": "unused"}).validate()
