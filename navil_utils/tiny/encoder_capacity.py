@@ -29,7 +29,7 @@ import torch
 
 from navil_utils.errors import ConfigError, NaViLError
 from navil_utils.paths import repo_root
-from navil_utils.tiny.token_targets import IGNORE_INDEX, TOKEN_TARGETS
+from navil_utils.tiny.token_targets import TOKEN_TARGETS
 
 
 #: Shape-size buckets of the full-resolution evaluation (longer box side in px, half-open ranges).
@@ -104,11 +104,14 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     unknown = set(train_targets) - set(TOKEN_TARGETS)
     if unknown or not train_targets:
         raise ConfigError(f"train_targets must be a non-empty subset of {TOKEN_TARGETS}, got {tuple(train_targets)}")
-    TrainConfig(token_loss_weights=target_weights).validate()  # the same rule as a training run's
-    untrained = [k for k, target in enumerate(TOKEN_TARGETS) if target not in train_targets]
+    # one mechanism for both: a target left out of train_targets has weight 0
+    untrained = {target: 0.0 for target in TOKEN_TARGETS if target not in train_targets}
+    weights = {**(target_weights or {}), **untrained} if target_weights or untrained else None
     data = dict(data or {})
     config = TrainConfig(tokenizer=str(repo_root() / "data/models/navil-tiny"), model=dict(model_options or {}),
-                         data=data, seed=seed, total_steps=steps, warmup_steps=warmup_steps, min_lr_ratio=0.05)
+                         data=data, seed=seed, total_steps=steps, warmup_steps=warmup_steps, min_lr_ratio=0.05,
+                         token_loss_weights=weights)
+    config.validate()  # the weights follow a training run's rule
     tokenizer, tokenizer_dir = _tokenizer_for(config)
     model = build_model(config, tokenizer)
     attach_token_heads(model, data, seed + 1)
@@ -153,8 +156,7 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     model.train()
     for step in range(steps):
         pixel_values, grid, targets, _ = train_batch(step)
-        targets[:, untrained] = IGNORE_INDEX
-        loss, _ = model.token_heads(model.get_vision_outputs(pixel_values, grid).features, targets, target_weights)
+        loss, _ = model.token_heads(model.get_vision_outputs(pixel_values, grid).features, targets, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
