@@ -14,7 +14,7 @@ PIP_FLAGS   ?= --disable-pip-version-check --quiet
 # `make CONSTRAINTS= run` lifts the pins.
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: run test unit nbval lab lab-check train-tiny-small-encoder train-tiny-gen2 venv clean-venv train-tiny check-portable constraints help
+.PHONY: run test unit nbval lab lab-check train-tiny-small-encoder train-tiny-gen2 train-tiny-gen2b venv clean-venv train-tiny check-portable constraints help
 
 help:
 	@echo "make run    - set up .venv if needed, execute every notebook, regenerate figures/"
@@ -25,6 +25,7 @@ help:
 	@echo "make train-tiny - reproduce the embedded tiny NaViL from scratch (hours on CPU)"
 	@echo "make train-tiny-small-encoder - the same recipe with a 7.4x smaller vision encoder (~2 h on 2 CPU cores)"
 	@echo "make train-tiny-gen2 - the second-generation recipe in progress (token loss, per-question loss; about 3 h on 2 idle CPU cores)"
+	@echo "make train-tiny-gen2b - gen 2 from a pretrained encoder: stage 0 (encoder), 1 and 2 (about 4 h on 2 idle CPU cores)"
 
 venv: $(STAMP)
 
@@ -95,6 +96,16 @@ train-tiny-small-encoder: $(STAMP)
 train-tiny-gen2: $(STAMP)
 	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2/stage1 --config configs/tiny_gen2_stage1.json $(TRAIN_ARGS)
 	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2/stage2 --config configs/tiny_gen2_stage2.json $(TRAIN_ARGS)
+
+# Gen 2b (configs/README.md, data/encoder_capacity/README.md): the encoder pretrained on the per-token targets
+# alone (stage 0, ~10 min, skipped when its export exists), then both stages from it with kind-weighted token loss.
+train-tiny-gen2b: $(STAMP)
+	@test -f runs/navil-tiny-gen2b/stage0/model.safetensors || $(PY) -m navil_utils.tiny.encoder_capacity \
+	  --model '{"llm_intermediate": 384}' --steps 1000 --eval-every 250 \
+	  --target-weights '{"kind": 1, "color": 0.1, "glyph": 0}' --save runs/navil-tiny-gen2b/stage0 \
+	  --out runs/navil-tiny-gen2b/stage0.jsonl
+	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2b/stage1 --config configs/tiny_gen2b_stage1.json $(TRAIN_ARGS)
+	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2b/stage2 --config configs/tiny_gen2b_stage2.json $(TRAIN_ARGS)
 
 # Re-pin constraints.txt to what .venv has now (after deliberately upgrading a dependency).
 constraints: $(STAMP)

@@ -2,6 +2,7 @@
 per-question loss averaging, connector init scale) and the frozen-feature probes."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -464,5 +465,38 @@ def test_gen2b_recipe_is_gen2_started_from_the_pretrained_encoder_with_kind_weig
     assert all(gen2b_runs[step]["eval_overall"] > shipped[step]["eval_overall"] + 0.06 for step in range(200, 1001, 200))
     assert [round(gen2b_runs[s]["eval_per_type"]["color"], 2) for s in range(200, 1001, 200)] == [
         0.9, 0.93, 0.95, 0.98, 0.97]
-    for name in ("tiny_stage1", "tiny_stage2", "tiny_gen2_stage1", "tiny_gen2_stage2", "tiny_gen2b_stage1"):
+    for name in ("tiny_stage1", "tiny_stage2", "tiny_gen2_stage1", "tiny_gen2_stage2", "tiny_gen2b_stage1",
+                 "tiny_gen2b_stage2"):
         TrainConfig.from_dict({**json.loads((configs / f"{name}.json").read_text()), "out": "unused"}).validate()
+
+
+def test_gen2b_end_to_end_numbers_quoted_in_the_readmes_are_the_data():
+    root = repo_root()
+    greedy = {(r["seed"], r["scales"]): r for r in map(json.loads, (root / "data/encoder_capacity/gen2b_greedy.jsonl")
+                                                         .read_text().splitlines())}
+    full = greedy[(1234, "all")]
+    assert full["n"] == 1000 and full["overall"] == 0.651 and greedy[(2026, "all")]["overall"] == 0.615
+    readme = (root / "data/encoder_capacity/README.md").read_text()
+    names = {"color": "colour", "count": "count", "position": "position", "relation": "relation", "text": "text"}
+    for qtype, name in names.items():      # table row: shipped | gen 2b all | largest | smallest
+        line = next(l for l in readme.splitlines() if l.startswith(f"| {name} | ") and "**" not in l.split("|")[2])
+        quoted = [float(c.strip(" *")) for c in line.split("|")[3:6]]
+        measured = [greedy[(1234, s)]["per_type"][qtype] for s in ("all", "largest", "smallest")]
+        assert quoted == pytest.approx(measured, abs=6e-4), (qtype, quoted, measured)   # the JSON keeps 4 decimals
+    # the multi-scale gain quoted: +8.6 overall, +31 count, +14 position over the largest scale alone
+    largest = greedy[(1234, "largest")]
+    assert round(100 * (full["overall"] - largest["overall"]), 1) == 8.6
+    assert [round(100 * (full["per_type"][q] - largest["per_type"][q])) for q in ("count", "position")] == [31, 14]
+    runs: dict[str, dict[int, dict]] = {}
+    for r in map(json.loads, (root / "data/encoder_capacity/end_to_end.jsonl").read_text().splitlines()):
+        runs.setdefault(r["config"], {})[r["step"]] = r
+    stage1, stage2 = runs["configs/tiny_gen2b_stage1.json"], runs["configs/tiny_gen2b_stage2.json"]
+    assert f"{stage1[2400]['eval_overall']:.3f}" == "0.734" and f"{stage2[800]['eval_overall']:.3f}" == "0.760"
+    relation = [log[s]["eval_per_type"]["relation"] for log in (stage1, stage2) for s in log if log is stage2 or s >= 400]
+    assert 0.475 <= min(relation) and max(relation) < 0.53                 # "0.48-0.53 at every evaluation"
+    probes = {(r["target"], r["features"], r["probe"]): float(r["accuracy"])
+              for r in csv.DictReader((root / "data/encoder_capacity/probes_gen2b.csv").open())}
+    assert [round(probes[("kind", "llm_input", p)], 2) for p in ("linear", "mlp256")] == [0.96, 0.96]
+    assert [round(probes[("kind", "vit", p)], 2) for p in ("linear", "mlp256")] == [0.79, 0.92]
+    assert max(probes[("glyph", f, p)] for f in ("vit", "llm_input") for p in ("linear", "mlp256")) < 0.08
+    assert "**0.760**" in (root / "configs/README.md").read_text() and "**0.96 / 0.96**" in readme

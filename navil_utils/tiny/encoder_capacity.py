@@ -44,7 +44,7 @@ def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, ba
     in the token, 0 for none."""
     from navil_utils.models.vision import window_layout
     from navil_utils.tiny.data import TinyCollator
-    from navil_utils.tiny.token_targets import shape_tokens, target_classes, token_targets
+    from navil_utils.tiny.token_targets import longer_side, shape_tokens, target_classes, token_targets
 
     classes = target_classes(data.config)
     collator = TinyCollator.from_model_config(model.config, tokenizer)
@@ -63,7 +63,7 @@ def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, ba
                 if scale == len(grids) - 1:               # each image's last, largest scale: full resolution
                     size[:] = 0
                     for obj, row, col in shape_tokens(sample, h // merge, w // merge):
-                        size[:, row, col] = max(obj.box[2] - obj.box[0], obj.box[3] - obj.box[1])
+                        size[:, row, col] = longer_side(obj)
                 sizes.append(size.reshape(-1))
         image_grid_thw = torch.cat(grids_of)
         order = window_layout(image_grid_thw, merge, window).window_index
@@ -185,7 +185,7 @@ def crop_cnn_reference(*, train_images: int = 4000, eval_images: int = 400, epoc
     import numpy as np
 
     from navil_utils.tiny.synthetic import SyntheticVQA
-    from navil_utils.tiny.token_targets import shape_tokens, target_classes
+    from navil_utils.tiny.token_targets import longer_side, shape_tokens, target_classes
 
     data = dict(data or {})
     kinds = target_classes(SyntheticVQA(data_seed, **data).config)["kind"]
@@ -200,7 +200,7 @@ def crop_cnn_reference(*, train_images: int = 4000, eval_images: int = 400, epoc
                 crop = image[row * token_side:(row + 1) * token_side, col * token_side:(col + 1) * token_side]
                 pixels.append(crop.transpose(2, 0, 1))
                 labels.append(kinds.index(obj.kind))
-                sizes.append(max(obj.box[2] - obj.box[0], obj.box[3] - obj.box[1]))
+                sizes.append(longer_side(obj))
         return torch.from_numpy(np.stack(pixels)), torch.tensor(labels), torch.tensor(sizes)
 
     train_x, train_y, _ = crops(data_seed, train_images)

@@ -64,6 +64,11 @@ def token_at(x: float, y: float, width: int, height: int, rows: int, cols: int) 
     return min(rows - 1, max(0, int(y / height * rows))), min(cols - 1, max(0, int(x / width * cols)))
 
 
+def longer_side(obj: SceneObject) -> int:
+    """Longer side (px) of an object's tight box: the size used to bucket shapes by how large they are drawn."""
+    return max(obj.box[2] - obj.box[0], obj.box[3] - obj.box[1])
+
+
 def shape_tokens(sample: Any, rows: int, cols: int) -> list[tuple[SceneObject, int, int]]:
     """``(shape, row, col)`` for every shape (not text) of ``sample``: the raster token at its box centre when
     the image is shown as ``rows × cols`` tokens — where the token targets put its kind and colour."""
