@@ -380,6 +380,23 @@ def test_crop_cnn_reference_is_deterministic_and_reports_by_size():
     assert crop_cnn_reference(**kwargs) == first
 
 
+ENCODER_CAPACITY = repo_root() / "data/encoder_capacity"
+
+
+def _probe_accuracies(name: str) -> dict[tuple[str, str, str], float]:
+    """``(target, features, probe) → accuracy`` of a probe table in data/encoder_capacity."""
+    with (ENCODER_CAPACITY / name).open() as handle:
+        return {(r["target"], r["features"], r["probe"]): float(r["accuracy"]) for r in csv.DictReader(handle)}
+
+
+def _end_to_end_runs() -> dict[str, dict[int, dict]]:
+    """``config → step → evaluation`` of the end-to-end runs (data/encoder_capacity/end_to_end.jsonl)."""
+    runs: dict[str, dict[int, dict]] = {}
+    for r in map(json.loads, (ENCODER_CAPACITY / "end_to_end.jsonl").read_text().splitlines()):
+        runs.setdefault(r["config"], {})[r["step"]] = r
+    return runs
+
+
 def test_the_encoder_capacity_study_says_what_its_data_holds():
     """data/encoder_capacity/README.md quotes these records; the shapes learn colour, not glyphs."""
     folder = repo_root() / "data/encoder_capacity"
@@ -417,10 +434,7 @@ def test_the_encoder_capacity_study_says_what_its_data_holds():
     assert [(r["step"], round(r["acc_kind_full"], 3)) for r in pretraining] == [
         (250, 0.428), (500, 0.645), (750, 0.799), (1000, 0.84)]
     assert round(pretraining[-1]["acc_color_full"], 3) == 0.967
-    import csv
-
-    with (folder / "probes_pretrained.csv").open() as handle:
-        probes = {(r["target"], r["features"], r["probe"]): round(float(r["accuracy"]), 2) for r in csv.DictReader(handle)}
+    probes = {key: round(value, 2) for key, value in _probe_accuracies("probes_pretrained.csv").items()}
     assert [probes["kind", "llm_input", p] for p in ("linear", "mlp256")] == [0.79, 0.8]
     assert [probes["kind", "vit", p] for p in ("linear", "mlp256")] == [0.51, 0.77]
     assert [probes["color", "llm_input", p] for p in ("linear", "mlp256")] == [0.95, 0.96]
@@ -453,9 +467,7 @@ def test_gen2b_recipe_is_gen2_started_from_the_pretrained_encoder_with_kind_weig
     assert gen2b == gen2
     shipped = {r["step"]: r for r in map(json.loads, (repo_root() / "data/models/navil-tiny/training_log_stage1.jsonl")
                                           .read_text().splitlines()) if "eval_overall" in r}
-    runs: dict[str, dict[int, dict]] = {}
-    for r in map(json.loads, (repo_root() / "data/encoder_capacity/end_to_end.jsonl").read_text().splitlines()):
-        runs.setdefault(r["config"], {})[r["step"]] = r
+    runs = _end_to_end_runs()
     readme = (configs / "README.md").read_text()
     for name, log in (("tiny_stage1", shipped), ("tiny_gen2_stage1", runs["configs/tiny_gen2_stage1.json"]),
                       ("tiny_gen2b_stage1", runs["configs/tiny_gen2b_stage1.json"])):
@@ -471,15 +483,16 @@ def test_gen2b_recipe_is_gen2_started_from_the_pretrained_encoder_with_kind_weig
 
 
 def test_gen2b_end_to_end_numbers_quoted_in_the_readmes_are_the_data():
-    root = repo_root()
-    greedy = {(r["seed"], r["scales"]): r for r in map(json.loads, (root / "data/encoder_capacity/gen2b_greedy.jsonl")
+    greedy = {(r["seed"], r["scales"]): r for r in map(json.loads, (ENCODER_CAPACITY / "gen2b_greedy.jsonl")
                                                          .read_text().splitlines())}
     full = greedy[(1234, "all")]
     assert full["n"] == 1000 and full["overall"] == 0.651 and greedy[(2026, "all")]["overall"] == 0.615
-    readme = (root / "data/encoder_capacity/README.md").read_text()
+    readme = (ENCODER_CAPACITY / "README.md").read_text()
+    lines = readme.splitlines()
+    table = lines[next(i for i, l in enumerate(lines) if l.startswith("| question type | shipped model")):]
     names = {"color": "colour", "count": "count", "position": "position", "relation": "relation", "text": "text"}
     for qtype, name in names.items():      # table row: shipped | gen 2b all | largest | smallest
-        line = next(l for l in readme.splitlines() if l.startswith(f"| {name} | ") and "**" not in l.split("|")[2])
+        line = next(l for l in table if l.startswith(f"| {name} | "))
         quoted = [float(c.strip(" *")) for c in line.split("|")[3:6]]
         measured = [greedy[(1234, s)]["per_type"][qtype] for s in ("all", "largest", "smallest")]
         assert quoted == pytest.approx(measured, abs=6e-4), (qtype, quoted, measured)   # the JSON keeps 4 decimals
@@ -487,16 +500,15 @@ def test_gen2b_end_to_end_numbers_quoted_in_the_readmes_are_the_data():
     largest = greedy[(1234, "largest")]
     assert round(100 * (full["overall"] - largest["overall"]), 1) == 8.6
     assert [round(100 * (full["per_type"][q] - largest["per_type"][q])) for q in ("count", "position")] == [31, 14]
-    runs: dict[str, dict[int, dict]] = {}
-    for r in map(json.loads, (root / "data/encoder_capacity/end_to_end.jsonl").read_text().splitlines()):
-        runs.setdefault(r["config"], {})[r["step"]] = r
+    runs = _end_to_end_runs()
     stage1, stage2 = runs["configs/tiny_gen2b_stage1.json"], runs["configs/tiny_gen2b_stage2.json"]
     assert f"{stage1[2400]['eval_overall']:.3f}" == "0.734" and f"{stage2[800]['eval_overall']:.3f}" == "0.760"
-    relation = [log[s]["eval_per_type"]["relation"] for log in (stage1, stage2) for s in log if log is stage2 or s >= 400]
+    # relation questions enter the curriculum at step 400 of stage 1
+    relation = [r["eval_per_type"]["relation"] for step, r in stage1.items() if step >= 400]
+    relation += [r["eval_per_type"]["relation"] for r in stage2.values()]
     assert 0.475 <= min(relation) and max(relation) < 0.53                 # "0.48-0.53 at every evaluation"
-    probes = {(r["target"], r["features"], r["probe"]): float(r["accuracy"])
-              for r in csv.DictReader((root / "data/encoder_capacity/probes_gen2b.csv").open())}
+    probes = _probe_accuracies("probes_gen2b.csv")
     assert [round(probes[("kind", "llm_input", p)], 2) for p in ("linear", "mlp256")] == [0.96, 0.96]
     assert [round(probes[("kind", "vit", p)], 2) for p in ("linear", "mlp256")] == [0.79, 0.92]
     assert max(probes[("glyph", f, p)] for f in ("vit", "llm_input") for p in ("linear", "mlp256")) < 0.08
-    assert "**0.760**" in (root / "configs/README.md").read_text() and "**0.96 / 0.96**" in readme
+    assert "**0.760**" in (repo_root() / "configs/README.md").read_text() and "**0.96 / 0.96**" in readme
