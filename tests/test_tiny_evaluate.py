@@ -50,6 +50,11 @@ def test_eval_result_accounting():
     assert result.per_type == {"color": 0.5, "count": 1.0}
     assert result.overall == pytest.approx(2 / 3)
     assert result.summary()["n"] == 3 and result.summary()["seed"] == 5
+    assert result.per_relation == {}
+    relations = [{"qtype": "relation", "question": f"Is the red star {w} the blue cross?", "correct": ok}
+                 for w, ok in (("left of", True), ("left of", False), ("below", True), ("above", False))]
+    assert EvalResult(records + relations, seed=5, scales="all", seconds=0.0).per_relation == {
+        "left of": (0.5, 2), "above": (0.0, 1), "below": (1.0, 1)}
 
 
 def test_cli_prints_table_and_json_last_line(capsys):
@@ -60,6 +65,8 @@ def test_cli_prints_table_and_json_last_line(capsys):
     assert summary["n"] == 12 and summary["seed"] == 99 and summary["scales"] == "all"
     assert set(summary["per_type"]) <= {"color", "count", "position", "relation", "text"}
     assert any(line.startswith("overall") for line in lines)
+    assert "relation" in summary["per_type"]                              # seed 99 asks two
+    assert sum(line.startswith("relation by word: ") for line in lines) == 1
 
 
 def test_shipped_model_accuracy_on_fixed_questions(tiny_model):

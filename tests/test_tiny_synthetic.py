@@ -14,6 +14,7 @@ from navil_utils.tiny.synthetic import (
     OBJECT_GAP,
     PLAIN_BACKGROUNDS,
     REGIONS,
+    RELATIONS,
     TEXT_COLOR,
     SyntheticConfig,
     SyntheticVQA,
@@ -322,6 +323,23 @@ def test_the_default_task_is_unchanged():
     assert hashlib.sha256(content).hexdigest() == "ccdfb3d1ec70c1c5f451a5f2fcaf5268b053f3bef5049dd47373fc22f035f59e"
 
 
+def _relation_words(data: SyntheticVQA, n: int) -> Counter:
+    return Counter(next(r for r in RELATIONS if f" {r} the " in qa.question)
+                   for i in range(n) for qa in data.sample(i).qas if qa.qtype == "relation")
+
+
+def test_relation_words_can_be_restricted_and_weighted():
+    """The curriculum that breaks the above/below symmetry: a subset of relation words, or weighted words, in the
+    primary question and in the extra questions alike; answers stay balanced per word."""
+    subset = SyntheticVQA(2, question_types=("relation",), extra_qas=7, relations=("above", "left of"))
+    assert set(_relation_words(subset, 100)) == {"above", "left of"}
+    weighted = SyntheticVQA(2, question_types=("relation",), extra_qas=7, relation_weights=(3, 1, 3, 1))
+    counts = _relation_words(weighted, 300)                # RELATIONS order: left of, right of, above, below
+    assert 2.0 < counts["left of"] / counts["right of"] < 4.0 and 2.0 < counts["above"] / counts["below"] < 4.0
+    answers = Counter(qa.answer for i in range(300) for qa in weighted.sample(i).qas)
+    assert abs(answers["yes"] - answers["no"]) < 0.1 * sum(answers.values())
+
+
 def test_more_distractor_texts_make_glyph_dense_scenes():
     plain = SyntheticVQA(1, distractor_text_prob=1.0, text_length_range=(1, 1), text_sizes=(26, 34))
     dense = SyntheticVQA(1, distractor_text_prob=1.0, max_distractor_texts=3, text_length_range=(1, 1),
@@ -343,6 +361,9 @@ def test_more_distractor_texts_make_glyph_dense_scenes():
     {"object_size_range": (30, 40)},
     {"text_sizes": ()},
     {"qtype_weights": (1.0,)},
+    {"relations": ("beside",)},
+    {"relation_weights": (1.0, 2.0)},
+    {"relation_weights": (0.0, 0.0, 0.0, 0.0)},
     {"not_a_field": 1},
 ])
 def test_bad_config_raises_config_error(overrides):

@@ -3,6 +3,7 @@ per-question loss averaging, connector init scale) and the frozen-feature probes
 from __future__ import annotations
 
 import csv
+import math
 import json
 
 import pytest
@@ -15,7 +16,7 @@ from navil_utils.errors import ConfigError
 from navil_utils.models import load_model
 from navil_utils.paths import repo_root
 from navil_utils.tiny.data import TinyCollator
-from navil_utils.tiny.objectives import question_loss
+from navil_utils.tiny.objectives import grid_positions, question_loss
 from navil_utils.tiny.probes import fit_probe, probe_records, probe_table
 from navil_utils.tiny.synthetic import SceneObject, SyntheticVQA
 from navil_utils.tiny.token_targets import (
@@ -158,6 +159,30 @@ def test_token_loss_weights_weight_each_target_and_zero_leaves_it_untrained():
     assert kind_accuracy == accuracy and set(accuracy) == set(TOKEN_TARGETS)  # still measured
 
 
+def test_position_targets_are_the_grid_place_of_each_visual_token(tiny):
+    """grid_positions in the window order is, for the k-th visual token, the (row, column) fraction TokenLayout
+    gives that token — on multi-scale images of every aspect ratio."""
+    model, tokenizer = tiny
+    collator = TinyCollator.from_model_config(model.config, tokenizer)
+    merge, window = model.config.merge_size, model.config.vision_config.window_size
+    data, scales = SyntheticVQA(5), set()
+    for index in range(20):
+        encoded = collator.encode(data.sample(index))
+        grid = encoded.image_grid_thw
+        targets = window_order(grid_positions(grid, merge), grid, merge_size=merge, window_size=window)
+        layout = TokenLayout.build(torch.tensor(encoded.input_ids), grid, dict(model.special_token_ids),
+                                   merge_size=merge, window_size=window)
+        visual = layout.visual_index >= 0
+        rows = (grid[:, 1] // merge)[layout.scale[visual]].float()
+        cols = (grid[:, 2] // merge)[layout.scale[visual]].float()
+        expected = torch.stack([(layout.row[visual] + 0.5) / rows, (layout.col[visual] + 0.5) / cols], -1)
+        torch.testing.assert_close(targets[layout.visual_index[visual]], expected)
+        scales.add(grid.shape[0])
+    assert max(scales) >= 2
+    torch.testing.assert_close(grid_positions(torch.tensor([[1, 4, 6]]), 2),
+                               torch.tensor([[.25, 1 / 6], [.25, .5], [.25, 5 / 6], [.75, 1 / 6], [.75, .5], [.75, 5 / 6]]))
+
+
 @pytest.mark.parametrize("weights", [{"shape": 1.0}, {"kind": -1.0}, {"kind": float("inf")},
                                      {"kind": 0, "color": 0, "glyph": 0}, [1.0], {"kind": "1"}])
 def test_bad_token_loss_weights_are_refused(tmp_path, weights):
@@ -166,24 +191,31 @@ def test_bad_token_loss_weights_are_refused(tmp_path, weights):
 
 
 @pytest.mark.parametrize(("option", "value"), [("loss_averaging", "sample"), ("token_loss", -1.0),
-                                               ("connector_init_scale", 0.0)])
+                                               ("connector_init_scale", 0.0), ("position_loss", -0.5),
+                                               ("position_loss_layer", -1), ("position_loss_layer", 1.5)])
 def test_bad_training_levers_are_refused(tmp_path, option, value):
     with pytest.raises(ConfigError, match=option):
         micro_config(tmp_path, **{option: value}).validate()
     with pytest.raises(ConfigError, match="token_loss"):
         TrainConfig(architecture="nvlm_d", token_loss=0.5).validate()
+    with pytest.raises(ConfigError, match="position_loss"):
+        TrainConfig(architecture="nvlm_d", position_loss=0.5).validate()
+    with pytest.raises(ConfigError, match="position_loss_layer=9"):      # the micro decoder has 1 layer
+        train(micro_config(tmp_path / "deep", position_loss=0.5, position_loss_layer=9))
 
 
 def test_training_with_the_levers_logs_token_accuracy_and_exports_a_plain_model(tmp_path):
     out = tmp_path / "run"
     train(micro_config(out, total_steps=4, token_loss=0.5, loss_averaging="question", connector_init_scale=0.25,
-                       qa_packing="isolated", extra_qas=2))
+                       qa_packing="isolated", extra_qas=2, position_loss=1.0, position_loss_layer=0))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert all({"token_loss", "token_acc", "objective"} <= set(r) for r in records)
+    assert all({"token_loss", "token_acc", "objective", "position_loss", "position_error"} <= set(r) for r in records)
     assert set(records[-1]["token_acc"]) <= set(TOKEN_TARGETS) and records[-1]["token_acc"]
+    assert set(records[-1]["position_error"]) == {"row", "col"}
+    assert all(math.isfinite(e) and e > 0 for r in records for e in r["position_error"].values())
     exported = load_model(out / "final")                                 # strict: no scaffolding keys
-    assert not hasattr(exported, "token_heads")
-    assert not any(k.startswith("token_heads") for k in exported.state_dict())
+    assert not hasattr(exported, "token_heads") and not hasattr(exported, "position_head")
+    assert not any(k.startswith(("token_heads", "position_head")) for k in exported.state_dict())
 
 
 def test_a_fine_patch_encoder_trains_and_its_collator_follows_the_checkpoint(tmp_path):
@@ -215,7 +247,7 @@ def test_a_fine_patch_encoder_trains_and_its_collator_follows_the_checkpoint(tmp
 
 def test_token_loss_runs_resume_bit_for_bit(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    options = dict(token_loss=0.5, loss_averaging="question")
+    options = dict(token_loss=0.5, loss_averaging="question", position_loss=0.5, position_loss_layer=0)
     train(micro_config(straight, **options))
     train(micro_config(resumed, **options), _simulate_kill_after=3)
     train(micro_config(resumed, **options))

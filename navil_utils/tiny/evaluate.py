@@ -106,6 +106,19 @@ class EvalResult:
         return dict(sorted(total.items()))
 
     @property
+    def per_relation(self) -> dict[str, tuple[float, int]]:
+        """``{relation word: (accuracy, questions)}`` of the relation questions (``left of`` … ``below``)."""
+        from navil_utils.tiny.synthetic import RELATIONS
+
+        hits, total = defaultdict(int), defaultdict(int)
+        for r in self.records:
+            if r["qtype"] == "relation":
+                word = next(w for w in RELATIONS if f" {w} the " in r["question"])
+                total[word] += 1
+                hits[word] += int(r["correct"])
+        return {w: (hits[w] / total[w], total[w]) for w in RELATIONS if total[w]}
+
+    @property
     def overall(self) -> float:
         return sum(r["correct"] for r in self.records) / max(1, self.n)
 
@@ -350,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"visual tokens per image: mean {cost['visual_tokens_mean']:.1f}, max {cost['visual_tokens_max']} | "
           f"{cost['seconds_per_sample'] * 1000:.1f} ms per question")
     print(result.table())
+    if result.per_relation:
+        print("relation by word: " + ", ".join(f"{w} {acc:.3f} (n={k})" for w, (acc, k) in result.per_relation.items()))
     print(json.dumps(result.summary()), flush=True)
     return 0
 

@@ -3,6 +3,11 @@
 * :class:`TokenHeads` — the auxiliary per-visual-token loss (``TrainConfig.token_loss``): linear heads on the
   visual tokens the LLM reads predict the kind, colour and glyph of the object each token shows
   (targets from :mod:`navil_utils.tiny.token_targets`). Training scaffolding: saved in checkpoints, never exported.
+* :class:`PositionHead` — the auxiliary position loss (``TrainConfig.position_loss``): a linear head on the LLM's
+  hidden state of every visual token after one decoder layer predicts where in the image the token lies (its row
+  and column as fractions of the grid). Neither the ViT (2-D RoPE: relative positions only) nor the LLM (1-D RoPE
+  over a row-major sequence) hands a visual token its absolute column; this makes the decoder compute it.
+  Training scaffolding like :class:`TokenHeads`.
 * :func:`question_loss` — per-question averaging of the answer loss (``TrainConfig.loss_averaging="question"``):
   a one-word answer weighs as much as a long one.
 """
@@ -55,6 +60,42 @@ class TokenHeads(torch.nn.Module):
         if not losses:
             return tokens.sum() * 0.0, accuracy
         return torch.stack(losses).sum() / sum(shares), accuracy
+
+
+class PositionHead(torch.nn.Module):
+    """A linear head reading a visual token's ``(row, column)`` fraction from an LLM hidden state (RMS-normalised
+    first): training scaffolding of ``TrainConfig.position_loss`` (saved in checkpoints, never exported)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, 2)
+
+    def forward(self, states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``states`` ``(n, H)``, ``targets`` ``(n, 2)`` row and column fractions in (0, 1) → (mean squared error
+        over both axes, mean absolute error per axis as ``{"row": …, "col": …}``)."""
+        features = torch.nn.functional.rms_norm(states.float(), states.shape[-1:], eps=1e-6)
+        predicted = self.head(features)
+        error = (predicted.detach() - targets).abs().mean(0)
+        return torch.nn.functional.mse_loss(predicted, targets), {"row": float(error[0]), "col": float(error[1])}
+
+
+def grid_positions(image_grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """``(n_tokens, 2)`` float: the centre of every merged token of the grids ``(S, 3)`` as (row, column)
+    fractions of its grid, grid by grid, raster order within a grid (apply the window order as for token targets)."""
+    blocks = []
+    for t, h, w in (tuple(int(v) for v in row) for row in image_grid_thw):
+        rows, cols = h // merge_size, w // merge_size
+        row = ((torch.arange(rows, dtype=torch.float32) + 0.5) / rows)[:, None].expand(rows, cols)
+        col = ((torch.arange(cols, dtype=torch.float32) + 0.5) / cols)[None, :].expand(rows, cols)
+        blocks.append(torch.stack([row, col], -1).reshape(1, -1, 2).expand(t, -1, -1).reshape(-1, 2))
+    return torch.cat(blocks)
+
+
+def attach_position_head(model: torch.nn.Module, seed: int) -> None:
+    """Give ``model`` (a NaViL) a :class:`PositionHead` initialised from ``seed``; the caller's RNG is kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.position_head = PositionHead(model.config.llm_config.hidden_size)
 
 
 def attach_token_heads(model: torch.nn.Module, data: dict[str, Any], seed: int) -> None:

@@ -169,8 +169,63 @@ def probe_table(records: ProbeRecords, *, sites: Sequence[str] = FEATURE_SITES, 
     return pd.DataFrame(rows)
 
 
+@torch.no_grad()
+def position_readout(model: Any, tokenizer: Any, data: SyntheticVQA, indices: Iterable[int], *,
+                     train_fraction: float = 0.7, ridge: float = 10.0):
+    """How well a linear (ridge) probe reads a visual token's absolute place — its row and column as fractions of
+    the full-resolution grid — from the LLM's hidden state of that token: at the LLM input and after every
+    decoder layer. Held-out R² per (``site``, ``axis``), split by image — a ``pandas.DataFrame``.
+
+    Neither position encoding hands a token its place: the ViT's 2-D RoPE is relative, the LLM's 1-D RoPE numbers
+    the row-major sequence (so a row is a *run* of positions and a column is a position modulo the row length).
+    Whatever a probe reads here the model computed itself."""
+    import pandas as pd
+
+    from navil_utils.tiny.data import TinyCollator
+
+    collator = TinyCollator.from_model_config(model.config, tokenizer)
+    window = model.config.vision_config.window_size
+    model.eval()
+    states: dict[int, list[torch.Tensor]] = {}
+    places, images = [], []
+    for index in indices:
+        encoded = collator.encode(data.sample(int(index)), with_answers=False)
+        grid = encoded.image_grid_thw
+        layout = TokenLayout.build(torch.tensor(encoded.input_ids), grid, dict(model.special_token_ids),
+                                   merge_size=collator.merge_size, window_size=window)
+        last = ((layout.scale == grid.shape[0] - 1) & (layout.visual_index >= 0)).nonzero().squeeze(1)
+        out = model(input_ids=torch.tensor([encoded.input_ids]), pixel_values=encoded.pixel_values.to(model.dtype),
+                    image_grid_thw=grid, output_hidden_states=True)
+        for depth, hidden in enumerate(out.hidden_states):
+            states.setdefault(depth, []).append(hidden[0, last].float())
+        rows, cols = (int(v) // collator.merge_size for v in grid[-1, 1:])
+        places.append(torch.stack([(layout.row[last] + 0.5) / rows, (layout.col[last] + 0.5) / cols], -1))
+        images += [int(index)] * len(last)
+    if not images:
+        raise ConfigError("position_readout needs at least one image")
+    image = torch.tensor(images)
+    distinct = torch.unique(image)
+    train = image < distinct[min(int(train_fraction * len(distinct)), len(distinct) - 1)]
+    target = torch.cat(places).double()
+    rows = []
+    for depth, chunks in states.items():
+        x = torch.cat(chunks).double()
+        x = (x - x[train].mean(0)) / x[train].std(0).clamp(min=1e-6)
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        gram = x[train].T @ x[train] + ridge * torch.eye(x.shape[1], dtype=x.dtype)
+        weights = torch.linalg.solve(gram, x[train].T @ target[train])
+        predicted = x[~train] @ weights
+        for k, axis in enumerate(("row", "col")):
+            truth = target[~train, k]
+            r2 = 1 - float(((predicted[:, k] - truth) ** 2).mean() / truth.var(unbiased=False))
+            rows.append({"site": "llm_input" if depth == 0 else f"after_layer_{depth}", "axis": axis, "r2": r2,
+                         "train_tokens": int(train.sum()), "test_tokens": int((~train).sum())})
+    return pd.DataFrame(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m navil_utils.tiny.probes --model DIR --out FILE.csv``: the probe table of a checkpoint."""
+    """``python -m navil_utils.tiny.probes --model DIR --out FILE.csv [--positions]``: the probe table of a
+    checkpoint (or, with ``--positions``, its :func:`position_readout`)."""
     import argparse
 
     import navil_utils
@@ -182,9 +237,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--positions", action="store_true",
+                        help="instead: R² of reading each visual token's row and column (position_readout)")
     args = parser.parse_args(argv)
     navil_utils.setup_notebook(seed=0, threads=args.threads)
     model, tokenizer = navil_utils.load_chat_model(args.model)
+    if args.positions:
+        table = position_readout(model, tokenizer, SyntheticVQA(args.data_seed), range(args.images))
+        table.insert(0, "model", args.model)
+        table.to_csv(args.out, index=False, float_format="%.4f")
+        print(table.pivot_table(index="site", columns="axis", values="r2", sort=False).round(3).to_string())
+        return
     records = probe_records(model, tokenizer, SyntheticVQA(args.data_seed), range(args.images))
     table = probe_table(records, epochs=args.epochs)
     table.insert(0, "model", args.model)

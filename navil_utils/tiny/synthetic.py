@@ -236,6 +236,8 @@ class SyntheticConfig:
     max_objects: int = 6
     count_range: tuple[int, int] = (1, 5)
     position_regions: tuple[str, ...] = QUADRANTS + ("center",)
+    relations: tuple[str, ...] = RELATIONS   # relation words asked (a subset breaks the above/below symmetry)
+    relation_weights: tuple[float, ...] | None = None   # relative frequency of each of ``relations``
     text_alphabet: str = TEXT_ALPHABET
     text_length_range: tuple[int, int] = (2, 4)
     text_sizes: tuple[int, ...] = (8, 12, 18, 26, 34)
@@ -266,6 +268,13 @@ class SyntheticConfig:
         _check_subset("colors", self.colors, tuple(COLORS))
         _check_subset("backgrounds", self.backgrounds, BACKGROUNDS)
         _check_subset("position_regions", self.position_regions, REGIONS)
+        _check_subset("relations", self.relations, RELATIONS)
+        if self.relation_weights is not None and (
+            len(self.relation_weights) != len(self.relations) or min(self.relation_weights) < 0
+            or max(self.relation_weights) <= 0
+        ):
+            raise ConfigError(f"relation_weights {self.relation_weights} must be >= 0, one per relation "
+                              f"{self.relations}, not all 0")
         if "color" in self.question_types and len(self.shape_kinds) < 2:
             raise ConfigError("color questions need >= 2 shape kinds")
         if "relation" in self.question_types and len(self.shape_kinds) * len(self.colors) < 2:
@@ -576,6 +585,8 @@ class SyntheticVQA:
         cfg = self.config
         weights = np.asarray(cfg.qtype_weights or [1.0] * len(cfg.question_types), dtype=float)
         self._qtype_cum = list(np.cumsum(weights / weights.sum()))
+        relation_weights = np.asarray(cfg.relation_weights or [1.0] * len(cfg.relations), dtype=float)
+        self._relation_cum = list(np.cumsum(relation_weights / relation_weights.sum()))
         self._sizes = self._image_sizes()
         max_h, max_w = max(h for _, h in self._sizes), max(w for w, _ in self._sizes)
         self._noise = _noise_tile(self.seed, max_h + 64, max_w + 64)
@@ -812,7 +823,9 @@ class SyntheticVQA:
 
     def _build_relation(self, rng, scene, attempt) -> QA:
         cfg = self.config
-        relation, answer = self._pick(rng, RELATIONS), rng.below(2) == 1
+        relation = (self._pick(rng, cfg.relations) if cfg.relation_weights is None
+                    else cfg.relations[rng.weighted(self._relation_cum)])
+        answer = rng.below(2) == 1
         pairs = [(k, c) for k in cfg.shape_kinds for c in cfg.colors]
         (k1, c1) = self._pick(rng, pairs)
         (k2, c2) = self._pick(rng, [p for p in pairs if p != (k1, c1)])
@@ -838,7 +851,8 @@ class SyntheticVQA:
         the scene supports, then a question of that type; no question repeats."""
         by_type: dict[str, list[QA]] = {}
         for qa in enumerate_questions(scene.objects, scene.width, scene.height, self.config):
-            if qa.question != primary.question and qa.qtype in self.config.question_types:
+            if qa.question != primary.question and qa.qtype in self.config.question_types \
+                    and self._keep_relation(rng, qa):
                 by_type.setdefault(qa.qtype, []).append(qa)
         out: list[QA] = []
         while by_type and len(out) < self.config.extra_qas:
@@ -848,6 +862,14 @@ class SyntheticVQA:
             if not candidates:
                 del by_type[qtype]
         return tuple(out)
+
+    def _keep_relation(self, rng: _Rng, qa: QA) -> bool:
+        """With ``relation_weights``, keep a relation question with probability weight / max weight."""
+        weights = self.config.relation_weights
+        if weights is None or qa.qtype != "relation":
+            return True
+        relation = next(r for r in self.config.relations if f" {r} the " in qa.question)
+        return rng.random() * max(weights) < weights[self.config.relations.index(relation)]
 
     # ---- rendering -------------------------------------------------------------------------------
 
@@ -922,7 +944,7 @@ def enumerate_questions(objects: Sequence[SceneObject], width: int, height: int,
         for b in unique:
             if a is b:
                 continue
-            for relation in RELATIONS:
+            for relation in cfg.relations:
                 holds = relation_holds(a.box, b.box, relation)
                 if holds is not None:
                     question = TEMPLATES["relation"].format(color=a.color, kind=a.kind, relation=relation,

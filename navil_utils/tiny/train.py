@@ -65,7 +65,7 @@ from navil_utils.tiny.checkpointing import (
     save_checkpoint,
     write_atomic,
 )
-from navil_utils.tiny.objectives import attach_token_heads, question_loss
+from navil_utils.tiny.objectives import attach_position_head, attach_token_heads, grid_positions, question_loss
 
 #: Curriculum: ``(start_fraction, {question type: weight})``; a stage runs until the next one starts.
 #: Easy, fast-learning types first (colour, count), then geometry, then text reading, then all mixed.
@@ -106,6 +106,10 @@ class TrainConfig:
     token_loss: float = 0.0            # weight of the auxiliary per-visual-token loss (NaViL only; 0 = off):
     #                                    linear heads on the LLM's visual tokens predict the kind, colour and
     #                                    glyph of the object each token shows (tiny/token_targets.py)
+    position_loss: float = 0.0         # weight of the auxiliary position loss (NaViL only; 0 = off): a head on the
+    #                                    LLM's visual tokens after decoder layer position_loss_layer predicts each
+    #                                    token's row and column fraction (tiny/objectives.py, PositionHead)
+    position_loss_layer: int = 1
     token_loss_weights: dict[str, float] | None = None  # weight per token-loss target (kind/color/glyph;
     #                                    missing = 1, None = equal): Σ w·CE / Σ w; 0 leaves a target untrained
     connector_init_scale: float = 1.0  # multiplies the initial weights of the connector's last linear layer
@@ -220,6 +224,12 @@ class TrainConfig:
                     or not any(weights.get(t, 1) > 0 for t in TOKEN_TARGETS)):
                 fail("token_loss_weights", weights, f"null or {{target: weight}} with targets from {TOKEN_TARGETS}, "
                      "finite weights >= 0, not all 0")
+        if not is_number(self.position_loss) or not 0 <= self.position_loss < math.inf:
+            fail("position_loss", self.position_loss, "a finite number >= 0")
+        if not is_int(self.position_loss_layer) or self.position_loss_layer < 0:
+            fail("position_loss_layer", self.position_loss_layer, "an integer >= 0 (a decoder layer index)")
+        if self.position_loss and self.architecture != "navil":
+            fail("position_loss", self.position_loss, "0 with architecture='nvlm_d' (the position loss is NaViL's)")
         if self.token_loss and self.architecture != "navil":
             fail("token_loss", self.token_loss, "0 with architecture='nvlm_d' (the per-token loss is NaViL's)")
         if not is_number(self.connector_init_scale) or not 0 < self.connector_init_scale < math.inf:
@@ -644,6 +654,8 @@ def export_checkpoint(run: str | Path, directory: str | Path) -> Path:
     model = build_model(config, tokenizer)
     if config.token_loss:
         attach_token_heads(model, config.data, config.seed + 1)
+    if config.position_loss:
+        attach_position_head(model, config.seed + 2)
     load_weights(checkpoint / "model.safetensors", model)
     step = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"]
     directory = export_model(model.eval(), tokenizer_dir, directory)
@@ -681,6 +693,18 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
 
         attach_token_heads(model, config.data, config.seed + 1)
         model.mlp1.register_forward_hook(lambda _module, _inputs, output: visual_tokens.append(output))
+        merge, window = model.config.merge_size, model.config.vision_config.window_size
+    layer_states: list[torch.Tensor] = []
+    if config.position_loss:  # built like the token heads; reads the decoder's output at one layer
+        from navil_utils.models.vision import window_layout
+
+        layers = model.language_model.model.layers
+        if config.position_loss_layer >= len(layers):
+            raise ConfigError(f"training option position_loss_layer={config.position_loss_layer} is not a layer of "
+                              f"the {len(layers)}-layer decoder")
+        attach_position_head(model, config.seed + 2)
+        layers[config.position_loss_layer].register_forward_hook(
+            lambda _module, _inputs, output: layer_states.append(output[0] if isinstance(output, tuple) else output))
         merge, window = model.config.merge_size, model.config.vision_config.window_size
     model = model.to(device)
     model.train()
@@ -723,6 +747,7 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     session_start = time.perf_counter()
     window_loss, window_correct, window_total = 0.0, 0, 0
     window_objective, window_aux, window_token_acc = 0.0, 0.0, defaultdict(list)
+    window_position_aux, window_position_error = 0.0, defaultdict(list)
     stopped_early = False
     first_step = state["step"]
     saved_step = state["step"] if has_checkpoint else None  # the step the checkpoint on disk holds
@@ -741,6 +766,7 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
         step = state["step"]
         batch = batch.to(device)
         visual_tokens.clear()
+        layer_states.clear()
         with _autocast(device, config.bf16):
             out_ = model(**batch.model_inputs())
         loss = out_.loss  # mean over this process's answer tokens
@@ -763,6 +789,15 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
             window_aux += float(auxiliary.detach())
             for target, value in token_accuracy.items():
                 window_token_acc[target].append(value)
+        if config.position_loss:
+            grid = batch.image_grid_thw.cpu()
+            targets = grid_positions(grid, merge)[window_layout(grid, merge, window).window_index].to(device)
+            states = layer_states[-1][batch.input_ids == module.img_context_token_id]   # k-th <IMG_CONTEXT> = token k
+            position_aux, position_error = module.position_head(states, targets)
+            total = total + config.position_loss * position_aux
+            window_position_aux += float(position_aux.detach())
+            for axis, value in position_error.items():
+                window_position_error[axis].append(value)
         optimizer.zero_grad(set_to_none=True)
         parallel.backward(total)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -794,12 +829,16 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
             if config.token_loss:
                 record["token_loss"] = window_aux / n
                 record["token_acc"] = {t: sum(v) / len(v) for t, v in sorted(window_token_acc.items())}
+            if config.position_loss:
+                record["position_loss"] = window_position_aux / n
+                record["position_error"] = {a: sum(v) / len(v) for a, v in sorted(window_position_error.items())}
             log.write(record)
             if progress is not None:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.2f}",
                                      stage=record["stage"])
             window_loss, window_correct, window_total = 0.0, 0, 0
             window_objective, window_aux, window_token_acc = 0.0, 0.0, defaultdict(list)
+            window_position_aux, window_position_error = 0.0, defaultdict(list)
         if eval_set and (state["step"] % config.eval_every == 0 or state["step"] == config.total_steps):
             record = {"step": state["step"], "samples": state["samples"], **evaluate_teacher_forced(module, eval_set, device, config.bf16)}
             log.write(record)
@@ -847,12 +886,13 @@ def export_model(model, tokenizer_dir: str | Path, directory: str | Path) -> Pat
         if "<|im_end|>" in ids:
             generation.eos_token_id = ids["<|im_end|>"]
         generation.pad_token_id = 0
-        scaffolding = model._modules.pop("token_heads", None)   # training-only heads are not the model's
+        scaffolding = {name: model._modules.pop(name) for name in ("token_heads", "position_head")
+                       if name in model._modules}   # training-only heads are not the model's
         try:
             model.save_pretrained(directory, safe_serialization=True)
         finally:
-            if scaffolding is not None:
-                model.token_heads = scaffolding
+            for name, module in scaffolding.items():
+                setattr(model, name, module)
     for item in Path(tokenizer_dir).iterdir():
         if item.name in TOKENIZER_FILES:
             shutil.copy2(item, directory / item.name)
