@@ -14,7 +14,7 @@ PIP_FLAGS   ?= --disable-pip-version-check --quiet
 # `make CONSTRAINTS= run` lifts the pins.
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: run test unit nbval lab lab-check train-tiny-small-encoder train-tiny-gen2 train-tiny-gen2b venv clean-venv train-tiny check-portable constraints help
+.PHONY: run test unit nbval lab lab-check train-tiny-small-encoder train-tiny-gen2 train-tiny-gen1 venv clean-venv train-tiny check-portable constraints help
 
 help:
 	@echo "make run    - set up .venv if needed, execute every notebook, regenerate figures/"
@@ -22,10 +22,10 @@ help:
 	@echo "make lab    - JupyterLab on the project's kernel"
 	@echo "make lab-check - run every notebook through JupyterLab in headless Chromium; screenshots to figures/lab/"
 	@echo "make check-portable - re-run notebooks + nbval under other CPU kernel sets / thread counts (~10 min)"
-	@echo "make train-tiny - reproduce the embedded tiny NaViL from scratch (hours on CPU)"
-	@echo "make train-tiny-small-encoder - the same recipe with a 7.4x smaller vision encoder (~2 h on 2 CPU cores)"
-	@echo "make train-tiny-gen2 - the second-generation recipe in progress (token loss, per-question loss; about 3 h on 2 idle CPU cores)"
-	@echo "make train-tiny-gen2b - gen 2 from a pretrained encoder: stage 0 (encoder), 1 and 2 (about 4 h on 2 idle CPU cores)"
+	@echo "make train-tiny - reproduce the embedded tiny NaViL (second generation) from scratch (about 5 h on 2 CPU cores)"
+	@echo "make train-tiny-gen1 - the first generation's recipe (not shipped; chapter 04's encoder-size pair uses it)"
+	@echo "make train-tiny-small-encoder - the first generation's recipe with a 7.4x smaller vision encoder (~2 h on 2 CPU cores)"
+	@echo "make train-tiny-gen2 - gen 2's first attempt, not shipped (token loss from a random encoder; about 3 h on 2 idle CPU cores)"
 
 venv: $(STAMP)
 
@@ -76,15 +76,29 @@ lab-check: $(STAMP)
 	  $(PY) -m pip install $(PIP_FLAGS) $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[lab]"
 	@$(PY) -m navil_utils.workbook.lab_check --shots $(LAB_SHOTS)
 
-# Reproduce data/models/navil-tiny from scratch: stage 1 (curriculum) then stage 2 (all types,
-# text-weighted, lower lr). The shipped weights were trained on one H200 with
-#   make train-tiny TRAIN_ARGS="--device cuda --set num_workers=14"
-# (6 + 3.3 minutes); on a 2-core CPU expect ~8 hours. Killed runs resume where they stopped.
+# Reproduce data/models/navil-tiny from scratch (second generation, data/models/navil-tiny/README.md): stage 0
+# pretrains the encoder on the per-token targets alone (skipped when its export exists); stages 1-2 train the
+# whole model; stages 3-7 are the relation curriculum (word subsets, then weighted words, then the auxiliary
+# position loss). The shipped weights were trained this way on 2 CPU cores (about 5 h in all); add
+# TRAIN_ARGS="--device cuda --set num_workers=14" on a GPU machine. Killed runs resume where they stopped.
 TRAIN_ARGS ?=
+GEN2_STAGES := 1 2 3 4 5 6
 train-tiny: $(STAMP)
-	$(PY) -m navil_utils.train --out runs/navil-tiny/stage1 --config configs/tiny_stage1.json $(TRAIN_ARGS)
-	$(PY) -m navil_utils.train --out runs/navil-tiny/stage2 --config configs/tiny_stage2.json \
+	@test -f runs/navil-tiny-gen2b/stage0/model.safetensors || $(PY) -m navil_utils.tiny.encoder_capacity \
+	  --model '{"llm_intermediate": 384}' --steps 1000 --eval-every 250 \
+	  --target-weights '{"kind": 1, "color": 0.1, "glyph": 0}' --save runs/navil-tiny-gen2b/stage0 \
+	  --out runs/navil-tiny-gen2b/stage0.jsonl
+	@set -e; for stage in $(GEN2_STAGES); do \
+	  $(PY) -m navil_utils.train --out runs/navil-tiny-gen2b/stage$$stage --config configs/tiny_gen2b_stage$$stage.json $(TRAIN_ARGS); \
+	done
+	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2b/stage7 --config configs/tiny_gen2b_stage7.json \
 	  --ship data/models/navil-tiny $(TRAIN_ARGS)
+
+# The first generation (data/models/navil-tiny/gen1/README.md; trained on one H200 in 6 + 3.3 minutes, ~8 h on
+# a 2-core CPU); chapter 04's encoder-size comparison uses this recipe. Not shipped: runs/navil-tiny/stage2/final.
+train-tiny-gen1: $(STAMP)
+	$(PY) -m navil_utils.train --out runs/navil-tiny/stage1 --config configs/tiny_stage1.json $(TRAIN_ARGS)
+	$(PY) -m navil_utils.train --out runs/navil-tiny/stage2 --config configs/tiny_stage2.json $(TRAIN_ARGS)
 
 # The embedded recipe with an 8x smaller vision encoder (configs/attention/README.md), for chapter 04.
 train-tiny-small-encoder: $(STAMP)
@@ -96,16 +110,6 @@ train-tiny-small-encoder: $(STAMP)
 train-tiny-gen2: $(STAMP)
 	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2/stage1 --config configs/tiny_gen2_stage1.json $(TRAIN_ARGS)
 	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2/stage2 --config configs/tiny_gen2_stage2.json $(TRAIN_ARGS)
-
-# Gen 2b (configs/README.md, data/encoder_capacity/README.md): the encoder pretrained on the per-token targets
-# alone (stage 0, ~10 min, skipped when its export exists), then both stages from it with kind-weighted token loss.
-train-tiny-gen2b: $(STAMP)
-	@test -f runs/navil-tiny-gen2b/stage0/model.safetensors || $(PY) -m navil_utils.tiny.encoder_capacity \
-	  --model '{"llm_intermediate": 384}' --steps 1000 --eval-every 250 \
-	  --target-weights '{"kind": 1, "color": 0.1, "glyph": 0}' --save runs/navil-tiny-gen2b/stage0 \
-	  --out runs/navil-tiny-gen2b/stage0.jsonl
-	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2b/stage1 --config configs/tiny_gen2b_stage1.json $(TRAIN_ARGS)
-	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2b/stage2 --config configs/tiny_gen2b_stage2.json $(TRAIN_ARGS)
 
 # Re-pin constraints.txt to what .venv has now (after deliberately upgrading a dependency).
 constraints: $(STAMP)

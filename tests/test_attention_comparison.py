@@ -253,13 +253,16 @@ def test_models_overview_reads_the_encoder_and_blanking_accuracy():
 
 
 def test_shipped_small_encoder_statistics_share_the_questions_and_prompt_layout():
-    large = AttentionStatistics.load(SHIPPED / "navil-tiny")
+    large = AttentionStatistics.load(SHIPPED / "navil-tiny-gen1")             # the same (first-generation) recipe
     small = AttentionStatistics.load(SHIPPED / "navil-tiny-small-encoder")
     for key in ("data_seed", "n_questions", "example_index", "locality_questions", "n_boot", "seed"):
         assert small.meta[key] == large.meta[key], key
     assert small.example_kinds == large.example_kinds
     assert (small.meta["vit_layers"], small.meta["vit_width"]) == (2, 56)
     assert small.meta["encoder_parameters"] == 119_784 and large.meta["encoder_parameters"] == 891_520
+    embedded = AttentionStatistics.load(SHIPPED / "navil-tiny")                 # same questions, own example
+    for key in ("data_seed", "n_questions", "locality_questions", "n_boot", "seed"):
+        assert embedded.meta[key] == large.meta[key], key
     # the answer-query uniform baseline depends only on the prompts, which both models share
     pd.testing.assert_frame_equal(large.visual_share[large.visual_share["statistic"] == "visual_uniform"],
                                   small.visual_share[small.visual_share["statistic"] == "visual_uniform"])

@@ -497,8 +497,8 @@ def test_gen2b_recipe_is_gen2_started_from_the_pretrained_encoder_with_kind_weig
     assert gen2b.pop("token_loss_weights") == {"kind": 1.0, "color": 0.1, "glyph": 0.0}
     assert gen2.pop("connector_init_scale") == 0.125                       # the connector comes pretrained
     assert gen2b == gen2
-    shipped = {r["step"]: r for r in map(json.loads, (repo_root() / "data/models/navil-tiny/training_log_stage1.jsonl")
-                                          .read_text().splitlines()) if "eval_overall" in r}
+    gen1_log = repo_root() / "data/models/navil-tiny/gen1/training_log_stage1.jsonl"
+    shipped = {r["step"]: r for r in map(json.loads, gen1_log.read_text().splitlines()) if "eval_overall" in r}
     runs = _end_to_end_runs()
     readme = (configs / "README.md").read_text()
     for name, log in (("tiny_stage1", shipped), ("tiny_gen2_stage1", runs["configs/tiny_gen2_stage1.json"]),
@@ -521,9 +521,9 @@ def test_gen2b_end_to_end_numbers_quoted_in_the_readmes_are_the_data():
     assert full["n"] == 1000 and full["overall"] == 0.651 and greedy[(2026, "all")]["overall"] == 0.615
     readme = (ENCODER_CAPACITY / "README.md").read_text()
     lines = readme.splitlines()
-    table = lines[next(i for i, l in enumerate(lines) if l.startswith("| question type | shipped model")):]
+    table = lines[next(i for i, l in enumerate(lines) if l.startswith("| question type | first generation")):]
     names = {"color": "colour", "count": "count", "position": "position", "relation": "relation", "text": "text"}
-    for qtype, name in names.items():      # table row: shipped | gen 2b all | largest | smallest
+    for qtype, name in names.items():      # table row: gen 1 | gen 2b all | largest | smallest
         line = next(l for l in table if l.startswith(f"| {name} | "))
         quoted = [float(c.strip(" *")) for c in line.split("|")[3:6]]
         measured = [greedy[(1234, s)]["per_type"][qtype] for s in ("all", "largest", "smallest")]

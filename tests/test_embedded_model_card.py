@@ -1,0 +1,137 @@
+"""The embedded model's card (data/models/navil-tiny/README.md) quotes what its shipped data files hold."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from navil_utils.paths import repo_root
+from navil_utils.tiny.train import TrainConfig
+
+CARD_DIR = repo_root() / "data" / "models" / "navil-tiny"
+CARD = (CARD_DIR / "README.md").read_text()
+QTYPES = {"color": "colour", "count": "count", "position": "position", "relation": "relation", "text": "text"}
+
+
+def _evaluations() -> dict[tuple[int, str], dict]:
+    data = json.loads((CARD_DIR / "evaluation.json").read_text())
+    return {(e["seed"], e["scales"]): e for e in data["evaluations"]}
+
+
+def _table_after(header_start: str) -> list[list[str]]:
+    """Cells of the markdown table whose header line starts with ``header_start`` (header and rule dropped)."""
+    lines = CARD.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip(" *") for cell in line.strip("|").split("|")])
+    return rows
+
+
+def _log(name: str) -> list[dict]:
+    return [json.loads(line) for line in (CARD_DIR / name).read_text().splitlines()]
+
+
+def test_results_table_is_evaluation_json():
+    runs = _evaluations()
+    rows = {row[0]: row for row in _table_after("| question type | chance | all scales (NaViL)")}
+    for qtype, name in QTYPES.items():
+        quoted = [float(v) for v in rows[name][2:5]]
+        measured = [runs[(1234, s)]["per_type"][qtype] for s in ("all", "largest", "smallest")]
+        assert quoted == pytest.approx(measured, abs=6e-4), qtype
+    assert [float(v) for v in rows["overall"][2:5]] == [runs[(1234, s)]["overall"] for s in ("all", "largest",
+                                                                                             "smallest")]
+    assert all(runs[(1234, s)]["n"] == 1000 for s in ("all", "largest", "smallest"))
+    # the first generation's column is its own card's
+    gen1 = (CARD_DIR / "gen1" / "README.md").read_text()
+    assert "| **overall** | | **0.575** | 0.517 | 0.433 |" in gen1 and rows["overall"][5] == "0.575"
+    words = runs[(1234, "all")]["per_relation"]
+    quoted = ", ".join(f"*{w}* {words[w]['accuracy']:.3f}" for w in ("left of", "right of", "above", "below"))
+    assert quoted in CARD.replace("\n", " ")
+    unseen = runs[(2026, "all")]
+    assert unseen["n"] == 200 and f"{unseen['overall']:.3f} overall" in CARD
+    blank = json.loads((CARD_DIR / "evaluation.json").read_text())["blank_images"]
+    assert f"falls from {blank['with_images']:.2f} to {blank['blank']:.2f}" in CARD.replace("\n", " ")
+
+
+def test_multi_scale_gains_and_targets_quoted_are_measured():
+    runs = _evaluations()
+    full, largest = runs[(1234, "all")], runs[(1234, "largest")]
+    assert round(100 * (full["overall"] - largest["overall"]), 1) == 10.6
+    gains = [round(100 * (full["per_type"][q] - largest["per_type"][q])) for q in ("count", "position", "relation")]
+    assert gains == [26, 20, 5]
+    from navil_utils.tiny.synthetic import SyntheticVQA
+
+    data = SyntheticVQA(1234)
+    text_questions = sum(data.sample(i).qtype == "text" for i in range(1000))      # 190
+    correct = round(1000 * full["overall"]) - round(text_questions * full["per_type"]["text"])
+    assert f"{correct / (1000 - text_questions):.3f} over the four non-text types" in CARD
+    assert full["per_type"]["color"] >= 0.95 and full["per_type"]["position"] >= 0.90
+    assert full["per_type"]["relation"] >= 0.90 and full["per_type"]["count"] < 0.90
+
+
+def test_probe_tables_are_the_csv_files():
+    probes = {(r["target"], r["features"], r["probe"]): float(r["accuracy"])
+              for r in csv.DictReader((CARD_DIR / "probes.csv").open())}
+    kind = next(r for r in _table_after("| target (chance*) |") if r[0].startswith("kind"))
+    assert kind[3].startswith(f"{probes[('kind', 'vit', 'linear')]:.2f} / {probes[('kind', 'vit', 'mlp256')]:.2f}")
+    assert kind[4].startswith(f"{probes[('kind', 'llm_input', 'linear')]:.2f} / "
+                              f"{probes[('kind', 'llm_input', 'mlp256')]:.2f}")
+    assert max(v for (target, _, _), v in probes.items() if target == "glyph") < 0.08     # glyphs: chance 0.06
+
+    def r2(path):
+        return {(r["site"], r["axis"]): float(r["r2"]) for r in csv.DictReader(path.open())}
+
+    new, old = r2(CARD_DIR / "positions.csv"), r2(CARD_DIR / "gen1" / "positions.csv")
+    sites = ["llm_input"] + [f"after_layer_{k}" for k in range(1, 5)]
+    rows = _table_after("| hidden state | row | column |")
+    assert len(rows) == len(sites)
+    for site, row in zip(sites, rows, strict=True):
+        for axis, cell in zip(("row", "col"), row[1:3], strict=True):
+            assert cell == f"{new[(site, axis)]:.2f} ({old[(site, axis)]:.2f})", (site, axis)
+    assert max(old[(s, "col")] for s in sites) < 0.34 and new[("after_layer_2", "col")] > 0.85
+
+
+def test_stage_configs_validate_and_logs_hold_the_quoted_training_numbers():
+    configs = repo_root() / "configs"
+    for stage in range(1, 8):
+        config = json.loads((configs / f"tiny_gen2b_stage{stage}.json").read_text())
+        TrainConfig.from_dict({**config, "out": "unused"}).validate()
+        if stage > 1:
+            assert config["init_from"] == f"runs/navil-tiny-gen2b/stage{stage - 1}/final"
+        log = _log(f"training_log_stage{stage}.jsonl")
+        assert max(r["step"] for r in log) == config["total_steps"], stage
+    evals = {stage: [r for r in _log(f"training_log_stage{stage}.jsonl") if "eval_overall" in r] for stage in (3, 7)}
+    assert round(evals[3][-1]["eval_loss"], 2) == 0.21 and round(evals[3][-1]["eval_overall"], 2) == 0.79
+    final = evals[7][-1]["eval_per_type"]
+    assert final["relation"] > 0.95 and final["position"] > 0.9                  # held-out, teacher-forced
+    stage6 = [r for r in _log("training_log_stage6.jsonl") if "position_error" in r]
+    assert round(stage6[0]["position_error"]["col"], 2) == 0.28 and stage6[0]["step"] == 25
+    at200 = next(r for r in stage6 if r["step"] == 200)["position_error"]
+    assert max(at200.values()) < 0.07                                            # "from 0.27 to 0.06 of the image"
+    # the two failed relation runs: flat at ln 2 / 2, and the relapse after the word subset
+    flat = [r["loss"] for r in _log("relation_experiments/equal_words.jsonl") if "loss" in r]
+    assert len(flat) == 12 and all(abs(v - 0.3466) < 0.006 for v in flat)
+    relapse = {r["step"]: r["loss"] for r in _log("relation_experiments/subset_then_equal_words.jsonl") if "loss" in r}
+    assert abs(relapse[50] - 0.347) < 0.002 and max(relapse) == 150
+
+
+def test_the_shipped_weights_know_where_their_tokens_are():
+    """position_readout on the shipped model itself (a few images): columns readable after two decoder layers."""
+    import navil_utils
+    from navil_utils.tiny.probes import position_readout
+    from navil_utils.tiny.synthetic import SyntheticVQA
+
+    torch.set_num_threads(1)
+    model, tokenizer = navil_utils.load_chat_model(CARD_DIR)
+    table = position_readout(model, tokenizer, SyntheticVQA(11), range(120))
+    r2 = {(r.site, r.axis): r.r2 for r in table.itertuples()}
+    assert set(r2) == {(s, a) for s in ["llm_input"] + [f"after_layer_{k}" for k in range(1, 5)]
+                       for a in ("row", "col")}
+    assert r2[("after_layer_2", "col")] > 0.7 and r2[("after_layer_2", "row")] > 0.7
+    assert r2[("llm_input", "row")] < 0.3                          # rows are computed by the decoder
+    assert (CARD_DIR / "model.safetensors").stat().st_size < 20e6
