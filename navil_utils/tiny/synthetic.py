@@ -258,23 +258,13 @@ class SyntheticConfig:
         if not self.aspect_ratios or any(a <= 0 for a in self.aspect_ratios):
             raise ConfigError(f"aspect_ratios must be positive, got {self.aspect_ratios}")
         _check_subset("question_types", self.question_types, ALL_QUESTION_TYPES)
-        if self.qtype_weights is not None and (
-            len(self.qtype_weights) != len(self.question_types) or min(self.qtype_weights) < 0
-            or sum(self.qtype_weights) <= 0
-        ):
-            raise ConfigError(f"qtype_weights {self.qtype_weights} must be >= 0, one per question type "
-                              f"{self.question_types}")
+        _check_weights("qtype_weights", self.qtype_weights, self.question_types)
         _check_subset("shape_kinds", self.shape_kinds, SHAPE_KINDS)
         _check_subset("colors", self.colors, tuple(COLORS))
         _check_subset("backgrounds", self.backgrounds, BACKGROUNDS)
         _check_subset("position_regions", self.position_regions, REGIONS)
         _check_subset("relations", self.relations, RELATIONS)
-        if self.relation_weights is not None and (
-            len(self.relation_weights) != len(self.relations) or min(self.relation_weights) < 0
-            or max(self.relation_weights) <= 0
-        ):
-            raise ConfigError(f"relation_weights {self.relation_weights} must be >= 0, one per relation "
-                              f"{self.relations}, not all 0")
+        _check_weights("relation_weights", self.relation_weights, self.relations)
         if "color" in self.question_types and len(self.shape_kinds) < 2:
             raise ConfigError("color questions need >= 2 shape kinds")
         if "relation" in self.question_types and len(self.shape_kinds) * len(self.colors) < 2:
@@ -307,6 +297,18 @@ class SyntheticConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_weights(name: str, weights: Sequence[float] | None, options: Sequence[str]) -> None:
+    """``weights`` is None or one number >= 0 per option, not all 0."""
+    if weights is not None and (len(weights) != len(options) or min(weights) < 0 or sum(weights) <= 0):
+        raise ConfigError(f"{name} {weights} must be >= 0, one per entry of {list(options)}, not all 0")
+
+
+def _cumulative(weights: Sequence[float] | None, n: int) -> list[float]:
+    """Normalised cumulative weights for :meth:`_Rng.weighted` (``None`` = ``n`` equal weights)."""
+    values = np.asarray(weights or [1.0] * n, dtype=float)
+    return list(np.cumsum(values / values.sum()))
 
 
 def _check_subset(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
@@ -583,10 +585,8 @@ class SyntheticVQA:
             raise ConfigError(f"unknown SyntheticConfig field in {sorted(overrides)}: {err}") from None
         self.seed = int(seed)
         cfg = self.config
-        weights = np.asarray(cfg.qtype_weights or [1.0] * len(cfg.question_types), dtype=float)
-        self._qtype_cum = list(np.cumsum(weights / weights.sum()))
-        relation_weights = np.asarray(cfg.relation_weights or [1.0] * len(cfg.relations), dtype=float)
-        self._relation_cum = list(np.cumsum(relation_weights / relation_weights.sum()))
+        self._qtype_cum = _cumulative(cfg.qtype_weights, len(cfg.question_types))
+        self._relation_cum = _cumulative(cfg.relation_weights, len(cfg.relations))
         self._sizes = self._image_sizes()
         max_h, max_w = max(h for _, h in self._sizes), max(w for w, _ in self._sizes)
         self._noise = _noise_tile(self.seed, max_h + 64, max_w + 64)
