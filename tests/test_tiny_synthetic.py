@@ -14,7 +14,6 @@ from navil_utils.tiny.synthetic import (
     OBJECT_GAP,
     PLAIN_BACKGROUNDS,
     REGIONS,
-    RELATIONS,
     TEXT_COLOR,
     SyntheticConfig,
     SyntheticVQA,
@@ -22,6 +21,7 @@ from navil_utils.tiny.synthetic import (
     region_of,
     region_touches,
     relation_holds,
+    relation_word,
     render_text_mask,
 )
 
@@ -324,8 +324,7 @@ def test_the_default_task_is_unchanged():
 
 
 def _relation_words(data: SyntheticVQA, n: int) -> Counter:
-    return Counter(next(r for r in RELATIONS if f" {r} the " in qa.question)
-                   for i in range(n) for qa in data.sample(i).qas if qa.qtype == "relation")
+    return Counter(relation_word(qa.question) for i in range(n) for qa in data.sample(i).qas if qa.qtype == "relation")
 
 
 def test_relation_words_can_be_restricted_and_weighted():
@@ -333,6 +332,8 @@ def test_relation_words_can_be_restricted_and_weighted():
     primary question and in the extra questions alike; answers stay balanced per word."""
     subset = SyntheticVQA(2, question_types=("relation",), extra_qas=7, relations=("above", "left of"))
     assert set(_relation_words(subset, 100)) == {"above", "left of"}
+    with pytest.raises(ConfigError, match="not a relation question"):
+        relation_word("What color is the star?")
     weighted = SyntheticVQA(2, question_types=("relation",), extra_qas=7, relation_weights=(3, 1, 3, 1))
     counts = _relation_words(weighted, 300)                # RELATIONS order: left of, right of, above, below
     assert 2.0 < counts["left of"] / counts["right of"] < 4.0 and 2.0 < counts["above"] / counts["below"] < 4.0

@@ -108,12 +108,12 @@ class EvalResult:
     @property
     def per_relation(self) -> dict[str, tuple[float, int]]:
         """``{relation word: (accuracy, questions)}`` of the relation questions (``left of`` … ``below``)."""
-        from navil_utils.tiny.synthetic import RELATIONS
+        from navil_utils.tiny.synthetic import RELATIONS, relation_word
 
         hits, total = defaultdict(int), defaultdict(int)
         for r in self.records:
             if r["qtype"] == "relation":
-                word = next(w for w in RELATIONS if f" {w} the " in r["question"])
+                word = relation_word(r["question"])
                 total[word] += 1
                 hits[word] += int(r["correct"])
         return {w: (hits[w] / total[w], total[w]) for w in RELATIONS if total[w]}

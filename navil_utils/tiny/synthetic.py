@@ -377,6 +377,14 @@ def _boxes_clear(a: Box, b: Box, gap: int) -> bool:
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
+def relation_word(question: str) -> str:
+    """The relation word (one of :data:`RELATIONS`) a relation question asks about."""
+    for relation in RELATIONS:
+        if f" {relation} the " in question:
+            return relation
+    raise ConfigError(f"not a relation question: {question!r}")
+
+
 def relation_holds(a: Box, b: Box, relation: str) -> bool | None:
     """``True``/``False`` if box ``a`` is strictly / strictly not ``relation`` box ``b``; ``None`` if ambiguous.
 
@@ -868,8 +876,7 @@ class SyntheticVQA:
         weights = self.config.relation_weights
         if weights is None or qa.qtype != "relation":
             return True
-        relation = next(r for r in self.config.relations if f" {r} the " in qa.question)
-        return rng.random() * max(weights) < weights[self.config.relations.index(relation)]
+        return rng.random() * max(weights) < weights[self.config.relations.index(relation_word(qa.question))]
 
     # ---- rendering -------------------------------------------------------------------------------
 
