@@ -42,3 +42,32 @@ def test_the_encoder_is_eight_times_smaller():
     assert 7 <= ratio <= 9
     assert counts["small"].total - counts["small"].vision_encoder - counts["small"].components.get("connector", 0) == \
         counts["embedded"].total - counts["embedded"].vision_encoder - counts["embedded"].components.get("connector", 0)
+
+
+def test_gen3_candidate_is_the_gen2b_recipe_with_8px_patches_and_glyphs():
+    """configs/tiny_gen3_stage*.json: what configs/README.md says they change, nothing else; each stage starts
+    from the previous one and validates."""
+    for stage in range(1, 8):
+        gen2b = json.loads((CONFIGS / f"tiny_gen2b_stage{stage}.json").read_text())
+        gen3 = json.loads((CONFIGS / f"tiny_gen3_stage{stage}.json").read_text())
+        TrainConfig.from_dict({**gen3, "out": "unused"}).validate()
+        assert gen3.pop("model") == {**gen2b.pop("model"), "patch_size": 8}
+        assert gen3.pop("init_from") == (f"runs/navil-tiny-gen3/stage{stage - 1}" + ("/final" if stage > 1 else ""))
+        gen2b.pop("init_from")
+        if "token_loss_weights" in gen2b:
+            assert gen2b.pop("token_loss_weights")["glyph"] == 0
+            assert gen3.pop("token_loss_weights") == {"kind": 1.0, "color": 0.1, "glyph": 0.5}
+        if stage in (1, 2):
+            assert (gen3.pop("position_loss"), gen3.pop("position_loss_layer")) == (1.0, 1)
+        if stage in (2, 5, 7):
+            weights, old_weights = gen3.pop("curriculum")[0][1], gen2b.pop("curriculum")[0][1]
+            assert (weights.pop("text"), old_weights.pop("text")) == (1.5, 0.5)
+            assert weights == old_weights
+        assert gen3.pop("batch_size") == (256 if stage in (1, 2, 5, 7) else 64)
+        gen2b.pop("threads", None)
+        schedule = ("total_steps", "batch_size", "lr", "warmup_steps", "log_every", "eval_every", "eval_batches",
+                    "checkpoint_every", "num_workers")
+        for key in schedule:
+            gen3.pop(key, None)
+            gen2b.pop(key, None)
+        assert gen3 == gen2b, stage

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from navil_utils.errors import ConfigError
-from navil_utils.tiny.train import TrainConfig, curriculum_stage, lr_factor, train
+from navil_utils.tiny.train import TrainConfig, curriculum_stage, lr_factor, main_process_threads, train
 from navil_utils.paths import repo_root
 
 MICRO_MODEL = {"vit_width": 32, "vit_layers": 1, "vit_heads": 2, "llm_width": 64, "llm_layers": 1,
@@ -143,6 +143,17 @@ def test_training_leaves_the_callers_threads_and_rng_alone(tmp_path):
         assert torch.equal(torch.get_rng_state(), before)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_main_process_threads_leave_the_data_workers_their_cores(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert main_process_threads(cuda, 14, None) == 2        # 14 workers + 2 threads = the 16 cores
+    assert main_process_threads(cuda, 20, None) == 1        # never below one
+    assert main_process_threads(cuda, 14, 6) == 6           # an explicit count wins
+    assert main_process_threads(cuda, 0, None) is None      # no workers: torch's default
+    assert main_process_threads(cpu, 1, None) is None       # CPU training keeps its configured behaviour
+    assert main_process_threads(cpu, 1, 2) == 2
 
 
 @pytest.mark.parametrize("variant", ["internlm2_ve", "qwen3_ve"])

@@ -87,8 +87,9 @@ class TinyBatch:
     """A padded batch (B sequences, T tokens, N patches, S scale grids, Q question-answer pairs).
 
     ``attention_mask`` ``(B, T)`` is 1 on tokens, 0 on padding; with isolated packing
-    ``attention_mask_4d`` ``(B, 1, T, T)`` (0 = attend, dtype-min = blocked) and ``position_ids``
-    ``(B, T)`` replace it as model inputs.  ``qas[q]`` is the q-th QA of the batch (sample order, then
+    ``attention_mask_4d`` ``(B, 1, T, T)`` (0 = attend, dtype-min = blocked; derived from ``block_ids``
+    ``(B, T)`` on the batch's device, so that data-loader workers hand over ``T`` numbers per sequence, not
+    ``T²``) and ``position_ids`` ``(B, T)`` replace it as model inputs.  ``qas[q]`` is the q-th QA of the batch (sample order, then
     QA order) and ``answer_qa`` ``(B, T)`` holds q on its answer tokens, -1 elsewhere.
     """
 
@@ -102,19 +103,21 @@ class TinyBatch:
     qas: list[QA]
     sample_indices: list[int]
     position_ids: torch.Tensor | None = None
-    attention_mask_4d: torch.Tensor | None = None
+    block_ids: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attention_mask_4d(self) -> torch.Tensor | None:
+        """The isolated-packing mask ``(B, 1, T, T)`` float32 (:func:`isolated_block_mask`), None without packing."""
+        return None if self.block_ids is None else isolated_block_mask(self.block_ids)
 
     def model_inputs(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Keyword arguments of ``NaViL.forward`` (``pixel_values`` and a 4-D mask cast to ``dtype``)."""
         pixel_values = self.pixel_values if dtype is None else self.pixel_values.to(dtype)
         inputs = {"input_ids": self.input_ids, "pixel_values": pixel_values, "image_grid_thw": self.image_grid_thw,
                   "labels": self.labels}
-        if self.attention_mask_4d is not None:
-            mask = self.attention_mask_4d
-            if dtype is not None and dtype != mask.dtype:  # re-derive so that "blocked" stays the dtype minimum
-                mask = torch.where(mask == 0, 0.0, torch.finfo(dtype).min).to(dtype)
-            inputs["attention_mask"] = mask
+        if self.block_ids is not None:  # built in dtype, so that "blocked" is that dtype's minimum
+            inputs["attention_mask"] = isolated_block_mask(self.block_ids, dtype or torch.float32)
             inputs["position_ids"] = self.position_ids
         else:
             inputs["attention_mask"] = self.attention_mask
@@ -123,7 +126,7 @@ class TinyBatch:
     def to(self, device: torch.device | str) -> TinyBatch:
         moved = {name: getattr(self, name).to(device) for name in (
             "input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "answer_qa")}
-        for name in ("position_ids", "attention_mask_4d"):
+        for name in ("position_ids", "block_ids"):
             value = getattr(self, name)
             moved[name] = None if value is None else value.to(device)
         return replace(self, **moved)
@@ -327,7 +330,7 @@ class TinyCollator:
         )
         if packed:
             result.position_ids = positions
-            result.attention_mask_4d = isolated_block_mask(blocks)
+            result.block_ids = blocks
         if all(e.token_targets is not None for e in encoded):
             result.extra["token_targets"] = torch.cat([e.token_targets for e in encoded])
         return result
@@ -426,13 +429,13 @@ def isolated_block_mask(block_ids: torch.Tensor, dtype: torch.dtype = torch.floa
     key j ≤ i when j is in the prefix or in i's own block; padding queries attend only themselves
     (keeps softmax finite).  0 = attend, ``finfo(dtype).min`` = blocked (works for eager and SDPA).
     """
-    length = block_ids.shape[1]
+    length, device = block_ids.shape[1], block_ids.device
     q, k = block_ids[:, :, None], block_ids[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     allowed = causal & (k != _PAD_BLOCK) & ((k == _PREFIX_BLOCK) | (k == q))
-    eye = torch.eye(length, dtype=torch.bool)
+    eye = torch.eye(length, dtype=torch.bool, device=device)
     allowed = torch.where((q == _PAD_BLOCK) & eye, True, allowed & (q != _PAD_BLOCK))
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 
 

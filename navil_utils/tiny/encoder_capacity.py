@@ -72,12 +72,26 @@ def _encoder_batches(model: Any, tokenizer: Any, data: Any, seed_offset: int, ba
     return batch
 
 
+class _BatchesByIndex(torch.utils.data.Dataset):
+    """``dataset[k]`` = ``make_batch(k)`` for ``k < length``: the training batches, rendered by data-loader workers."""
+
+    def __init__(self, make_batch: Callable[[int], tuple[torch.Tensor, ...]], length: int) -> None:
+        self.make_batch, self.length = make_batch, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
+        return self.make_batch(k)
+
+
 def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int = 300, batch_size: int = 32,
                      lr: float = 1e-3, warmup_steps: int = 30, seed: int = 0, data_seed: int = 1,
                      eval_seed: int = 7, eval_images: int = 256, eval_every: int = 100,
                      data: dict[str, Any] | None = None, train_data: dict[str, Any] | None = None,
                      spread_targets: bool = False, train_targets: tuple[str, ...] = TOKEN_TARGETS,
                      target_weights: dict[str, float] | None = None, save: str | Path | None = None,
+                     device: str = "cpu", num_workers: int = 0, time_limit_minutes: float | None = None,
                      on_eval: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a fresh encoder (``model_options``: overrides of
     :func:`~navil_utils.models.presets.tiny_model_config`) with the token heads alone for ``steps`` steps of
@@ -91,13 +105,16 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     trained targets' losses (``TrainConfig.token_loss_weights``; None = equal). ``save``: a directory the trained
     model is exported to at the end (:func:`~navil_utils.tiny.train.export_model`: the trained encoder with the
     language model as initialised, no token heads) — a training run's ``init_from``, i.e. encoder pretraining.
-    Deterministic for given arguments
-    and thread count."""
+    ``device``: where the encoder trains (bf16 autocast on CUDA, as a training run); ``num_workers``: processes
+    rendering the training batches (batch ``k`` is a pure function of ``k``, so the result does not depend on
+    them); ``time_limit_minutes``: stop training after this much wall time (then evaluate and save as at the end).
+    Deterministic for given arguments, device and thread count (and no time limit)."""
     import math
 
     from navil_utils.tiny.objectives import attach_token_heads
     from navil_utils.tiny.synthetic import SyntheticVQA
-    from navil_utils.tiny.train import TrainConfig, _tokenizer_for, build_model, export_model, lr_factor
+    from navil_utils.tiny.train import (TrainConfig, _autocast, _tokenizer_for, _worker_init, build_model,
+                                        export_model, lr_factor, main_process_threads)
 
     if steps < 1 or batch_size < 1 or eval_images < 1 or eval_every < 1:
         raise ConfigError("steps, batch_size, eval_images and eval_every must be positive")
@@ -110,11 +127,16 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     data = dict(data or {})
     config = TrainConfig(tokenizer=str(repo_root() / "data/models/navil-tiny"), model=dict(model_options or {}),
                          data=data, seed=seed, total_steps=steps, warmup_steps=warmup_steps, min_lr_ratio=0.05,
-                         token_loss_weights=weights)
+                         token_loss_weights=weights, device=device, num_workers=num_workers)
     config.validate()  # the weights follow a training run's rule
     tokenizer, tokenizer_dir = _tokenizer_for(config)
     model = build_model(config, tokenizer)
     attach_token_heads(model, data, seed + 1)
+    torch_device = torch.device(device)
+    threads = main_process_threads(torch_device, num_workers, None)
+    if threads and not torch.get_num_threads() < threads:   # an explicit smaller --threads stays
+        torch.set_num_threads(threads)
+    model = model.to(torch_device)
     encoder = torch.nn.ModuleDict({"vision_model": model.vision_model, "mlp1": model.mlp1,
                                    "token_heads": model.token_heads})
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -123,7 +145,10 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     train_set = SyntheticVQA(data_seed, **{**data, **(train_data or {})})
     train_batch = _encoder_batches(model, tokenizer, train_set, 0, batch_size, spread=spread_targets)
     eval_batch = _encoder_batches(model, tokenizer, SyntheticVQA(eval_seed, **data), 0, min(batch_size, eval_images))
-    eval_batches = [eval_batch(k) for k in range(math.ceil(eval_images / min(batch_size, eval_images)))]
+    eval_batches = [tuple(x.to(torch_device) for x in eval_batch(k))
+                    for k in range(math.ceil(eval_images / min(batch_size, eval_images)))]
+    loader = torch.utils.data.DataLoader(_BatchesByIndex(train_batch, steps), batch_size=None, num_workers=num_workers,
+                                         worker_init_fn=_worker_init, prefetch_factor=4 if num_workers else None)
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
 
@@ -135,7 +160,7 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
         correct = {(t, part): 0 for t in TOKEN_TARGETS for part in parts
                    if t != "glyph" or part in ("", "_full")}
         count = dict.fromkeys(correct, 0)
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(torch_device):
             for pixel_values, grid, targets, sizes in eval_batches:
                 tokens = model.get_vision_outputs(pixel_values, grid).features
                 for k, target in enumerate(TOKEN_TARGETS):
@@ -154,18 +179,22 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
         model.train()
 
     model.train()
-    for step in range(steps):
-        pixel_values, grid, targets, _ = train_batch(step)
-        loss, _ = model.token_heads(model.get_vision_outputs(pixel_values, grid).features, targets, weights)
+    for step, batch in enumerate(loader):
+        pixel_values, grid, targets, _ = (x.to(torch_device) for x in batch)
+        with _autocast(torch_device):
+            loss, _ = model.token_heads(model.get_vision_outputs(pixel_values, grid).features, targets, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+        late = time_limit_minutes is not None and time.perf_counter() - start > 60 * time_limit_minutes
+        if (step + 1) % eval_every == 0 or step + 1 == steps or late:
             evaluate(step + 1)
+        if late:
+            break
     if save is not None:
-        export_model(model.eval(), tokenizer_dir, save)
+        export_model(model.to("cpu").eval(), tokenizer_dir, save)
         (Path(save) / "encoder_pretraining.json").write_text(json.dumps(
             {"model": dict(model_options or {}), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
              "data_seed": data_seed, "data": data, "train_data": train_data or {}, "spread_targets": spread_targets,
@@ -252,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                         help='JSON {target: weight} for the trained targets\' losses, e.g. \'{"color": 0.1}\'')
     parser.add_argument("--spread-targets", action="store_true", help="train on every token inside a shape's box")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (bf16 autocast)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader processes rendering the training batches")
+    parser.add_argument("--time-limit", type=float, default=None, help="minutes of training before evaluate-and-stop")
     parser.add_argument("--crop-cnn", action="store_true",
                         help="run crop_cnn_reference instead (a small CNN on each shape's 32-px token crop)")
     parser.add_argument("--save", default=None,
@@ -284,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         encoder_capacity(options, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          eval_images=args.eval_images, eval_every=args.eval_every, seed=args.seed,
                          data=data, train_data=train_data, spread_targets=args.spread_targets, train_targets=train_targets,
-                         target_weights=target_weights, save=args.save, on_eval=write)
+                         target_weights=target_weights, save=args.save, device=args.device,
+                         num_workers=args.workers, time_limit_minutes=args.time_limit, on_eval=write)
     except (NaViLError, json.JSONDecodeError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1

@@ -400,6 +400,20 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def main_process_threads(device: torch.device, num_workers: int, threads: int | None) -> int | None:
+    """Intra-op threads for the training process: ``threads`` when given; on a GPU with data-loader workers the
+    cores the workers leave free (at least 1); else None (torch's default, one per core).
+
+    torch's default beside ``num_workers`` busy single-threaded workers oversubscribes the CPU, and each CPU-side
+    operation of a step then waits for descheduled threads (suspected cause of the 1.3–1.8 s steps of the
+    2026-12-04 GPU run, whose steps took 0.13 s with the workers idle: ``configs/README.md``)."""
+    if threads:
+        return threads
+    if device.type == "cuda" and num_workers:
+        return max(1, (os.cpu_count() or 1) - num_workers)
+    return None
+
+
 @torch.no_grad()
 def evaluate_teacher_forced(model, batches, device: torch.device, bf16: bool | None = None) -> dict[str, Any]:
     """Exact match per question type with teacher forcing (every answer token must be the argmax), the mean
@@ -681,8 +695,9 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
             has_checkpoint = checkpoint_dir.exists()
         _check_run_directory(config, out, has_checkpoint, write=parallel.is_main)
         tokenizer, tokenizer_dir = _tokenizer_for(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads = main_process_threads(device, config.num_workers, config.threads)
+    if threads:
+        torch.set_num_threads(threads)
     model = build_model(config, tokenizer)
     torch.manual_seed(config.seed)  # the run's own RNG stream (forked by train(); saved in checkpoints)
     if config.init_from and not has_checkpoint:
