@@ -17,7 +17,7 @@ from navil_utils.models import load_model
 from navil_utils.paths import repo_root
 from navil_utils.tiny.data import TinyCollator
 from navil_utils.tiny.objectives import grid_positions, question_loss
-from navil_utils.tiny.probes import fit_probe, probe_records, probe_table
+from navil_utils.tiny.probes import fit_probe, probe_records, probe_table, visual_token_geometry
 from navil_utils.tiny.synthetic import SceneObject, SyntheticVQA
 from navil_utils.tiny.token_targets import (
     IGNORE_INDEX,
@@ -274,6 +274,34 @@ def test_probes_separate_what_is_separable():
     noise = torch.randn(400, 8, generator=generator)
     assert fit_probe(informative[:300], labels[:300], informative[300:], labels[300:], 4) == 1.0
     assert fit_probe(noise[:300], labels[:300], noise[300:], labels[300:], 4) < 0.45
+
+
+def test_visual_token_geometry_measures_scale_apart_from_direction(tiny):
+    import copy
+
+    model, tokenizer = tiny
+    geometry = visual_token_geometry(model, tokenizer, SyntheticVQA(11), range(6))
+    assert geometry["norm_ratio"] == pytest.approx(geometry["visual_norm"] / geometry["text_norm"])
+    assert geometry["visual_norm"] > 3 * geometry["text_norm"]      # the shipped connector is not normalised
+    assert -1 <= geometry["mean_cosine"] < 0.5
+    assert 2 < geometry["effective_rank"] <= model.config.llm_config.hidden_size
+    louder = copy.deepcopy(model)
+    with torch.no_grad():                      # the connector's last layer ×3: every visual token ×3
+        louder.mlp1[-1].weight.mul_(3)
+        louder.mlp1[-1].bias.mul_(3)
+    scaled = visual_token_geometry(louder, tokenizer, SyntheticVQA(11), range(6))
+    assert scaled["visual_norm"] == pytest.approx(3 * geometry["visual_norm"], rel=1e-5)
+    assert scaled["text_norm"] == pytest.approx(geometry["text_norm"])
+    for key in ("mean_cosine", "effective_rank"):
+        assert scaled[key] == pytest.approx(geometry[key], rel=1e-4, abs=1e-6)
+    collapsed = copy.deepcopy(model)           # every visual token the same direction: rank 1, cosine 1
+    with torch.no_grad():
+        collapsed.mlp1[-1].weight.zero_()
+        collapsed.mlp1[-1].bias.copy_(torch.linspace(-1, 1, collapsed.mlp1[-1].bias.numel()))
+    flat = visual_token_geometry(collapsed, tokenizer, SyntheticVQA(11), range(3))
+    assert flat["mean_cosine"] == pytest.approx(1.0, abs=1e-6) and flat["effective_rank"] == 0.0
+    with pytest.raises(ConfigError, match="at least one image"):
+        visual_token_geometry(model, tokenizer, SyntheticVQA(11), [])
 
 
 def test_probe_records_of_the_embedded_model(tiny):

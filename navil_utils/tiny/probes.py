@@ -223,9 +223,54 @@ def position_readout(model: Any, tokenizer: Any, data: SyntheticVQA, indices: It
     return pd.DataFrame(rows)
 
 
+@torch.no_grad()
+def visual_token_geometry(model: Any, tokenizer: Any, data: SyntheticVQA, indices: Iterable[int]) -> dict[str, float]:
+    """Scale and spread of the visual tokens the LLM receives (the connector's outputs) over the images
+    ``indices`` of ``data``, next to the text tokens' input embeddings of the same prompts:
+
+    * ``visual_norm`` / ``text_norm`` — mean L2 norm per token, and ``norm_ratio`` = visual / text;
+    * ``mean_cosine`` — mean cosine similarity of all pairs of visual tokens (1 = every token points one way);
+    * ``effective_rank`` — ``exp`` of the entropy of the normalised eigenvalues of the visual tokens' covariance
+      (1 = all variance along one direction; at most the width; 0 if the tokens are all identical).
+
+    A connector that inflates its outputs and collapses them onto one direction — the suspected cause of
+    training stalls at high learning rates — shows as a large ``norm_ratio``, ``mean_cosine`` near 1 and a small
+    ``effective_rank``."""
+    from navil_utils.tiny.data import TinyCollator
+
+    collator = TinyCollator.from_model_config(model.config, tokenizer)
+    model.eval()
+    embed = model.language_model.get_input_embeddings()
+    image_ids = set(int(v) for v in model.special_token_ids.values())
+    visual, text = [], []
+    for index in indices:
+        encoded = collator.encode(data.sample(int(index)), with_answers=False)
+        visual.append(model.get_vision_outputs(encoded.pixel_values.to(model.dtype), encoded.image_grid_thw)
+                      .features.float())
+        ids = torch.tensor([i for i in encoded.input_ids if i not in image_ids])
+        text.append(embed(ids).float())
+    if not visual:
+        raise ConfigError("visual_token_geometry needs at least one image")
+    v, t = torch.cat(visual).double(), torch.cat(text).double()
+    unit = v / v.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    n = len(unit)
+    mean_cosine = float(((unit.sum(0) ** 2).sum() - n) / max(1, n * (n - 1)))
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(v.T)).clamp(min=0)
+    if float(eigenvalues.sum()) > 0:
+        p = eigenvalues / eigenvalues.sum()
+        effective_rank = float(np.exp(-float((p[p > 0] * p[p > 0].log()).sum())))
+    else:                                      # every visual token identical: no spread at all
+        effective_rank = 0.0
+    visual_norm, text_norm = float(v.norm(dim=1).mean()), float(t.norm(dim=1).mean())
+    return {"visual_norm": visual_norm, "text_norm": text_norm, "norm_ratio": visual_norm / text_norm,
+            "mean_cosine": mean_cosine, "effective_rank": effective_rank, "visual_tokens": n,
+            "text_tokens": len(t)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m navil_utils.tiny.probes --model DIR --out FILE.csv [--positions]``: the probe table of a
-    checkpoint (or, with ``--positions``, its :func:`position_readout`)."""
+    """``python -m navil_utils.tiny.probes --model DIR --out FILE.csv [--positions | --geometry]``: the probe table
+    of a checkpoint (or, with ``--positions``, its :func:`position_readout`; with ``--geometry``, its
+    :func:`visual_token_geometry` appended to ``--out`` as a JSON line)."""
     import argparse
 
     import navil_utils
@@ -239,9 +284,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--positions", action="store_true",
                         help="instead: R² of reading each visual token's row and column (position_readout)")
+    parser.add_argument("--geometry", action="store_true",
+                        help="instead: norm, spread and effective rank of the visual tokens (visual_token_geometry); "
+                             "--out gets one JSON line appended")
     args = parser.parse_args(argv)
     navil_utils.setup_notebook(seed=0, threads=args.threads)
     model, tokenizer = navil_utils.load_chat_model(args.model)
+    if args.geometry:
+        import json
+
+        record = {"model": args.model, "images": args.images, "data_seed": args.data_seed,
+                  **visual_token_geometry(model, tokenizer, SyntheticVQA(args.data_seed), range(args.images))}
+        with open(args.out, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(json.dumps(record))
+        return
     if args.positions:
         table = position_readout(model, tokenizer, SyntheticVQA(args.data_seed), range(args.images))
         table.insert(0, "model", args.model)
