@@ -118,6 +118,12 @@ def test_stage_configs_validate_and_logs_hold_the_quoted_training_numbers():
     assert len(flat) == 12 and all(abs(v - 0.3466) < 0.006 for v in flat)
     relapse = {r["step"]: r["loss"] for r in _log("relation_experiments/subset_then_equal_words.jsonl") if "loss" in r}
     assert abs(relapse[50] - 0.347) < 0.002 and max(relapse) == 150
+    # more counting from the shipped weights: held-out count stays where the shipped weights are (0.924)
+    counting = {r["step"]: r["eval_per_type"]["count"] for r in _log("count_experiments/more_counting.jsonl")
+                if "eval_per_type" in r}
+    assert {step: round(v, 3) for step, v in counting.items()} == {100: 0.921, 200: 0.92}
+    config = json.loads((CARD_DIR / "count_experiments" / "more_counting_config.json").read_text())
+    assert config["init_from"] == "data/models/navil-tiny" and config["curriculum"][0][1]["count"] == 2.5
 
 
 def test_the_shipped_weights_know_where_their_tokens_are():
@@ -135,3 +141,20 @@ def test_the_shipped_weights_know_where_their_tokens_are():
     assert r2[("after_layer_2", "col")] > 0.7 and r2[("after_layer_2", "row")] > 0.7
     assert r2[("llm_input", "row")] < 0.3                          # rows are computed by the decoder
     assert (CARD_DIR / "model.safetensors").stat().st_size < 20e6
+
+
+def test_the_shipped_weights_count_as_the_more_counting_run_was_compared_against():
+    """The card's baseline for the more-counting experiment: 0.924 held-out teacher-forced count accuracy of the
+    shipped weights on that run's own evaluation images."""
+    from navil_utils.tiny.evaluate import load_eval_model
+    from navil_utils.tiny.train import StepBatches, _tokenizer_for, evaluate_teacher_forced
+
+    torch.set_num_threads(1)
+    config = TrainConfig.from_dict({**json.loads((CARD_DIR / "count_experiments" / "more_counting_config.json")
+                                                 .read_text()), "out": "unused"})
+    tokenizer, _ = _tokenizer_for(config)
+    data = StepBatches(config, tokenizer, seed=config.eval_seed)
+    batches = [data[config.total_steps - 1 - i] for i in range(config.eval_batches)]
+    model, _ = load_eval_model(CARD_DIR)
+    result = evaluate_teacher_forced(model, batches, torch.device("cpu"))
+    assert abs(result["eval_per_type"]["count"] - 0.924) < 0.004     # ~500 questions: a flipped argmax or two
