@@ -4,6 +4,8 @@
 # only, glyph-dense scenes), then stages 1-7 (configs/tiny_gen3_stage*.json), each capped by wall time.
 #   bash configs/gpu_train_gen3.sh              -> $OUT/{model.safetensors,config.json,logs.tar.gz}
 #   SMOKE=1 DEVICE=cpu WORKERS=2 OUT=/tmp/x bash configs/gpu_train_gen3.sh   (a few steps per stage, on a CPU)
+# It first runs benchmarks/data_feed.py (FEED_CHECK=0 skips it): the first run's loop reached ~140 images/s
+# (data/gpu_runs/gen3_2026-12-04/README.md), and this says within a minute whether the fixes since hold.
 # Main-process threads default to the cores the workers leave (navil_utils.tiny.train.main_process_threads).
 # After each stage the latest weights are copied to $OUT, so a run stopped by the call's time limit still
 # returns the last finished stage. On the device machine carry .whl/ with the transformers 5.24 wheel.
@@ -29,6 +31,10 @@ ship() {  # the latest finished stage's weights and every log so far -> $OUT
   cp "$1/model.safetensors" "$1/config.json" "$OUT/"
   tar czf "$OUT/logs.tar.gz" --exclude='*.safetensors' --exclude=checkpoint --exclude='*.pt' "$RUN"
 }
+if [ -z "${SMOKE:-}" ] && [ "${FEED_CHECK:-1}" = 1 ]; then   # ~1 min: does the training loop now keep up?
+  $PY benchmarks/data_feed.py --config configs/tiny_gen3_stage1.json --workers "$WORKERS" --batch-size 256 \
+    --seconds 6 --device "$DEVICE" | tee "$OUT/data_feed.log"
+fi
 date +"%T stage 0"
 test -f "$RUN/stage0/model.safetensors" || $PY -m navil_utils.tiny.encoder_capacity \
   --model '{"llm_intermediate": 384, "patch_size": 8}' --steps 1000 --batch-size 128 --eval-every 250 \
