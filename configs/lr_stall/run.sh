@@ -1,24 +1,20 @@
 #!/usr/bin/env bash
-# Why do high learning rates stall the tiny NaViL? Four 400-step runs of the first generation's stage 1 (random
-# initialisation, 32 images per step) that differ only in lr / connector_init_scale (configs/lr_stall/*.json),
-# two at a time on one thread each; then the visual tokens' geometry (probes --geometry) of every run at step 0
-# (its initialisation) and at the end. Results: runs/lr_stall/<arm>/log.jsonl, runs/lr_stall/geometry.jsonl.
-#   bash configs/lr_stall/run.sh            (about 30 min on the 2-core box; resumable: re-run to continue)
+# Why do high learning rates stall the tiny NaViL? Runs of the first generation's stage 1 (random initialisation,
+# 32 images per step, one thread each, two side by side) that differ only in lr / connector_init_scale / length
+# (configs/lr_stall/*.json); then the visual tokens' geometry (probes --geometry, 200 images of seed 11) of every
+# run at its initialisation (step0) and at its end (final). data/lr_stall/README.md has the results.
+#   bash configs/lr_stall/run.sh     (about 1.5 h on the 2-core box; finished runs and measurements are skipped)
 set -eu
 PY=${PY:-.venv/bin/python}
 OUT=runs/lr_stall
 mkdir -p $OUT
-pair() {
-  for arm in "$@"; do
-    $PY -m navil_utils.train --out $OUT/$arm --config configs/lr_stall/$arm.json --no-progress > $OUT/$arm.out 2>&1 &
-  done
-  wait
-}
-pair lr4e-4 lr2e-3
-pair lr2e-3_connector0.125 lr1e-3
-for arm in lr4e-4 lr2e-3 lr2e-3_connector0.125 lr1e-3; do
-  if ! grep -q "\"$OUT/$arm/step0\"" $OUT/geometry.jsonl 2>/dev/null; then
-    $PY - "$arm" <<'PYEOF'
+train() { test -f $OUT/$1/final/model.safetensors || \
+  $PY -m navil_utils.train --out $OUT/$1 --config configs/lr_stall/$1.json --no-progress > $OUT/$1.out 2>&1; }
+train lr4e-4 & train lr2e-3 & wait
+train lr2e-3_connector0.125 & train long_lr2e-3 & wait
+train long_lr4e-4
+for arm in lr4e-4 lr2e-3 lr2e-3_connector0.125 long_lr4e-4 long_lr2e-3; do
+  test -f $OUT/$arm/step0/model.safetensors || $PY - "$arm" <<'PYEOF'
 import json, sys
 from navil_utils.tiny.train import TrainConfig, _tokenizer_for, build_model, export_model
 arm = sys.argv[1]
@@ -26,8 +22,8 @@ config = TrainConfig.from_dict({**json.load(open(f"configs/lr_stall/{arm}.json")
 tokenizer, tokenizer_dir = _tokenizer_for(config)
 export_model(build_model(config, tokenizer).eval(), tokenizer_dir, f"runs/lr_stall/{arm}/step0")
 PYEOF
-    $PY -m navil_utils.tiny.probes --model $OUT/$arm/step0 --geometry --images 200 --out $OUT/geometry.jsonl
-  fi
-  grep -q "\"$OUT/$arm/final\"" $OUT/geometry.jsonl || \
-    $PY -m navil_utils.tiny.probes --model $OUT/$arm/final --geometry --images 200 --out $OUT/geometry.jsonl
+  for at in step0 final; do
+    grep -q "\"$OUT/$arm/$at\"" $OUT/geometry.jsonl 2>/dev/null || \
+      $PY -m navil_utils.tiny.probes --model $OUT/$arm/$at --geometry --images 200 --out $OUT/geometry.jsonl
+  done
 done
