@@ -47,11 +47,13 @@ unit: $(STAMP)
 	@$(PY) -m pytest tests -q
 
 nbval: $(STAMP)
-	@$(PY) -m pytest notebooks -q --nbval --nbval-current-env \
+	@NAVIL_FIGURES_DIR=$$(mktemp -d) $(PY) -m pytest notebooks -q --nbval --nbval-current-env \
 	  --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 900
 
+# Tests write the notebooks' figures to a scratch folder: figures/ is `make run`'s to regenerate, and a PNG's
+# bytes can differ between CPUs' float kernels, so a test run must not touch it.
 test: $(STAMP)
-	@$(PY) -m pytest -q tests notebooks --nbval --nbval-current-env \
+	@NAVIL_FIGURES_DIR=$$(mktemp -d) $(PY) -m pytest -q tests notebooks --nbval --nbval-current-env \
 	  --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 900
 
 # Saved outputs and figures must not depend on the CPU: re-execute and nbval-test the notebooks under

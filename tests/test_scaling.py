@@ -231,3 +231,9 @@ def test_fit_data_laws_recovers_a_known_curve_and_reports_misfit():
     assert row["beta low"] <= 0.6 + 1e-6 and row["beta high"] >= 0.6 - 1e-6 and row["points"] == 10
     assert row["max |residual|"] < 1e-5
     assert table.loc["step", "max |residual|"] > 0.05  # a step is no power law: the misfit shows
+
+
+def test_a_flat_power_law_has_exactly_exponent_zero():
+    """Equal y at every x: exponent 0.0 exactly (not a solver's ±1e-17, which prints as "-0.00" on some CPUs)."""
+    fit = fit_power_law([1e8, 4e8, 1.6e9], [3e7, 3e7, 3e7])
+    assert fit.exponent == 0.0 and f"{fit.exponent:.2f}" == "0.00" and fit.coefficient == 3e7

@@ -53,6 +53,8 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLaw:
         raise ValueError("a power-law fit needs strictly positive x and y")
     if np.unique(x_arr).size < 2:
         raise ValueError("a power-law fit needs at least two distinct x values")
+    if np.unique(y_arr).size == 1:      # a flat line: exactly exponent 0 (a solver's ±1e-17 would print "-0.00")
+        return PowerLaw(coefficient=float(y_arr[0]), exponent=0.0)
     exponent, log_c = np.polyfit(np.log(x_arr), np.log(y_arr), deg=1)
     return PowerLaw(coefficient=float(np.exp(log_c)), exponent=float(exponent))
 
