@@ -48,6 +48,18 @@ def _render_for(args: tuple[str, int, float, int]) -> int:
     return images
 
 
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, device: torch.device) -> float:
+    """One forward, backward and AdamW step on a batch already on ``device``; waits for the device (returns the loss)."""
+    from navil_utils.tiny.train import _autocast
+
+    with _autocast(device):
+        loss = model(**batch.model_inputs()).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny_gen3_stage1.json")
@@ -83,7 +95,7 @@ def main() -> None:
                batch.pixel_values, batch.input_ids, batch.labels, batch.attention_mask)) / 1e6, 1))
     del loader
     if args.device:
-        from navil_utils.tiny.train import _autocast, build_model
+        from navil_utils.tiny.train import build_model
 
         device = torch.device(args.device)
         model = build_model(config, tokenizer).to(device).train()
@@ -92,12 +104,7 @@ def main() -> None:
         times = []
         for i in range(12):
             tick = time.perf_counter()
-            with _autocast(device):
-                loss = model(**batch.model_inputs()).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            float(loss.detach())
+            _train_step(model, optimizer, batch, device)
             times.append(time.perf_counter() - tick)
         step_s = sorted(times[2:])[len(times[2:]) // 2]
         report(part=f"training step on {args.device}", median_step_s=round(step_s, 4),
@@ -112,12 +119,7 @@ def main() -> None:
                                                  prefetch_factor=4)
             start, steps, first = time.perf_counter(), 0, None
             for batch in loader:
-                with _autocast(device):
-                    loss = model(**batch.to(device).model_inputs()).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                float(loss.detach())
+                _train_step(model, optimizer, batch.to(device), device)
                 if first is None:
                     first, start = time.perf_counter() - start, time.perf_counter()
                     continue

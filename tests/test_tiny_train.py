@@ -258,3 +258,26 @@ def run_with_stack_dump(command: list[str], env: dict[str, str], log: Path, time
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(command, returncode, out.read(), err.read())
+
+
+def test_export_init_writes_the_model_a_run_starts_from(tmp_path, capsys):
+    from navil_utils.models.loading import load_model
+    from navil_utils.tiny.train import build_model, main
+    from navil_utils.tiny.tokenizer import load_tiny_tokenizer
+
+    config = micro_config(tmp_path / "run", seed=3)
+    args = ["--out", str(tmp_path / "run"), "--set", "seed=3", "--set", f"model={json.dumps(MICRO_MODEL)}",
+            "--set", f"tokenizer={json.dumps(config.tokenizer)}", "--set", "max_pixels=4096"]
+    assert main(args + ["--export-init", str(tmp_path / "step0")]) == 0
+    assert "exported the initial model" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "checkpoint").exists()                   # nothing was trained
+    expected = build_model(config, load_tiny_tokenizer(config.tokenizer)).state_dict()
+    exported = load_model(tmp_path / "step0").state_dict()
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
+    # with init_from, the run starts from those weights whatever its own seed
+    assert main(args[:2] + ["--set", "seed=4"] + args[4:] + ["--set", f"init_from={json.dumps(str(tmp_path / 'step0'))}",
+                                                             "--export-init", str(tmp_path / "again")]) == 0
+    again = load_model(tmp_path / "again").state_dict()
+    assert all(torch.equal(again[k], expected[k]) for k in expected)
+    assert main(args + ["--set", "learning_rate=1e-3", "--export-init", str(tmp_path / "bad")]) == 2
+    assert "unknown training options" in capsys.readouterr().err

@@ -14,14 +14,8 @@ train lr4e-4 & train lr2e-3 & wait
 train lr2e-3_connector0.125 & train long_lr2e-3 & wait
 train long_lr4e-4
 for arm in lr4e-4 lr2e-3 lr2e-3_connector0.125 long_lr4e-4 long_lr2e-3; do
-  test -f $OUT/$arm/step0/model.safetensors || $PY - "$arm" <<'PYEOF'
-import json, sys
-from navil_utils.tiny.train import TrainConfig, _tokenizer_for, build_model, export_model
-arm = sys.argv[1]
-config = TrainConfig.from_dict({**json.load(open(f"configs/lr_stall/{arm}.json")), "out": f"runs/lr_stall/{arm}"})
-tokenizer, tokenizer_dir = _tokenizer_for(config)
-export_model(build_model(config, tokenizer).eval(), tokenizer_dir, f"runs/lr_stall/{arm}/step0")
-PYEOF
+  test -f $OUT/$arm/step0/model.safetensors || \
+    $PY -m navil_utils.train --config configs/lr_stall/$arm.json --out $OUT/$arm --export-init $OUT/$arm/step0
   for at in step0 final; do
     grep -q "\"$OUT/$arm/$at\"" $OUT/geometry.jsonl 2>/dev/null || \
       $PY -m navil_utils.tiny.probes --model $OUT/$arm/$at --geometry --images 200 --out $OUT/geometry.jsonl

@@ -134,8 +134,8 @@ def encoder_capacity(model_options: dict[str, Any] | None = None, *, steps: int 
     attach_token_heads(model, data, seed + 1)
     torch_device = torch.device(device)
     threads = main_process_threads(torch_device, num_workers, None)
-    if threads and not torch.get_num_threads() < threads:   # an explicit smaller --threads stays
-        torch.set_num_threads(threads)
+    if threads:   # never more than the workers leave free; an explicit smaller --threads stays
+        torch.set_num_threads(min(threads, torch.get_num_threads()))
     model = model.to(torch_device)
     encoder = torch.nn.ModuleDict({"vision_model": model.vision_model, "mlp1": model.mlp1,
                                    "token_heads": model.token_heads})

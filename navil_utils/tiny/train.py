@@ -914,6 +914,16 @@ def export_model(model, tokenizer_dir: str | Path, directory: str | Path) -> Pat
     return directory
 
 
+def export_initial_model(config: TrainConfig, directory: str | Path) -> Path:
+    """Export the model exactly as a run of ``config`` starts it — seeded initialisation, then ``init_from`` if
+    set — without training: the "step 0" of a run, for comparing its start with its end."""
+    tokenizer, tokenizer_dir = _tokenizer_for(config)
+    model = build_model(config, tokenizer)
+    if config.init_from:
+        load_weights(Path(config.init_from) / "model.safetensors", model)
+    return export_model(model.eval(), tokenizer_dir, directory)
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -937,6 +947,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--export-checkpoint", default=None, metavar="DIR",
                         help="do not train: export the last checkpoint of --out to DIR as a loadable model")
+    parser.add_argument("--export-init", default=None, metavar="DIR",
+                        help="do not train: export the model as this run would start (step 0) to DIR")
     args = parser.parse_args(argv)
     if args.export_checkpoint:
         try:
@@ -972,6 +984,16 @@ def main(argv: list[str] | None = None) -> int:
         values["time_limit_minutes"] = args.time_limit
     if args.no_progress:
         values["progress"] = False
+    if args.export_init:
+        try:
+            exported = export_initial_model(TrainConfig.from_dict(values), args.export_init)
+        except ConfigError as error:
+            report_error(PROG, error)
+            return EXIT_USAGE
+        except (NaViLError, OSError) as error:
+            return report_error(PROG, error)
+        print(f"exported the initial model of {args.out} -> {exported}")
+        return 0
     try:
         out = train(TrainConfig.from_dict(values))
     except ConfigError as error:  # a bad option: the message names it
