@@ -56,6 +56,13 @@ def test_eval_result_accounting():
                  for w, ok in (("left of", True), ("left of", False), ("below", True), ("above", False))]
     assert EvalResult(records + relations, seed=5, scales="all", seconds=0.0).per_relation == {
         "left of": (0.5, 2), "above": (0.0, 1), "below": (1.0, 1)}
+    texts = [{"qtype": "text", "answer": answer, "prediction": prediction, "correct": correct, "text_size": size}
+             for answer, prediction, correct, size in (("K7RA", "K7RA", True, 34), ("K7RA", "K7AR", False, 34),
+                                                       ("XY", " XY.", True, 8), ("XY", "", False, 8),
+                                                       ("AC", "CA", False, 12))]
+    # exact match, characters in place (K7AR has 2 of 4; " XY." normalises to "XY"), questions
+    assert EvalResult(records + texts, seed=5, scales="all", seconds=0.0).per_text_size == {
+        8: (0.5, 0.5, 2), 12: (0.0, 0.0, 1), 34: (0.5, 0.75, 2)}
 
 
 def test_cli_prints_table_and_json_last_line(capsys):

@@ -119,6 +119,21 @@ class EvalResult:
         return {w: (hits[w] / total[w], total[w]) for w in RELATIONS if total[w]}
 
     @property
+    def per_text_size(self) -> dict[int, tuple[float, float, int]]:
+        """``{font size px: (exact match, character accuracy, questions)}`` of the text questions whose records
+        carry ``text_size``. Character accuracy counts the answer's characters that the (normalised) prediction
+        has at the same place: partial reading that exact match hides."""
+        hits, chars, total_chars, total = defaultdict(int), defaultdict(int), defaultdict(int), defaultdict(int)
+        for r in self.records:
+            if r["qtype"] == "text" and r.get("text_size") is not None:
+                size, predicted = r["text_size"], normalise_answer(r["prediction"])
+                total[size] += 1
+                hits[size] += int(r["correct"])
+                chars[size] += sum(a == b for a, b in zip(r["answer"], predicted))
+                total_chars[size] += len(r["answer"])
+        return {size: (hits[size] / total[size], chars[size] / total_chars[size], total[size]) for size in sorted(total)}
+
+    @property
     def overall(self) -> float:
         return sum(r["correct"] for r in self.records) / max(1, self.n)
 
@@ -137,6 +152,13 @@ class EvalResult:
             lines.append(f"{qtype:<14}{self.counts[qtype]:>6}{acc:>14.3f}")
         lines.append(f"{'overall':<14}{self.n:>6}{self.overall:>14.3f}")
         return "\n".join(lines)
+
+
+def _text_size(sample: Any) -> int | None:
+    """Font size (px) of the text a text question asks about (its only text object); ``None`` otherwise."""
+    if sample.qtype != "text":
+        return None
+    return next(obj.size for obj in sample.objects if obj.kind == "text")
 
 
 def _is_count(value: object) -> bool:
@@ -189,7 +211,8 @@ def evaluate_model(model, tokenizer, *, n: int = 1000, seed: int = 1234, scales:
             tokens = int(image.image_grid_thw.prod(-1).sum()) // budget["merge_size"] ** 2
             records.append({"index": sample.index, "qtype": sample.qtype, "question": sample.question,
                             "answer": sample.answer, "prediction": answer,
-                            "correct": normalise_answer(answer) == sample.answer, "visual_tokens": tokens})
+                            "correct": normalise_answer(answer) == sample.answer, "visual_tokens": tokens,
+                            "text_size": _text_size(sample)})
     return EvalResult(records, seed, scales, time.perf_counter() - start)
 
 
@@ -365,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     print(result.table())
     if result.per_relation:
         print("relation by word: " + ", ".join(f"{w} {acc:.3f} (n={k})" for w, (acc, k) in result.per_relation.items()))
+    if result.per_text_size:
+        print("text by font size (exact / characters): " + ", ".join(
+            f"{size} px {acc:.3f} / {chars:.3f} (n={k})" for size, (acc, chars, k) in result.per_text_size.items()))
     print(json.dumps(result.summary()), flush=True)
     return 0
 
