@@ -22,7 +22,7 @@ help:
 	@echo "make lab    - JupyterLab on the project's kernel"
 	@echo "make lab-check - run every notebook through JupyterLab in headless Chromium; screenshots to figures/lab/"
 	@echo "make check-portable - re-run notebooks + nbval under other CPU kernel sets / thread counts (~10 min)"
-	@echo "make train-tiny - reproduce the embedded tiny NaViL (second generation) from scratch (about 5 h on 2 CPU cores)"
+	@echo "make train-tiny - reproduce the embedded tiny NaViL (second generation) from scratch (about 6 h on 2 CPU cores)"
 	@echo "make train-tiny-gen1 - the first generation's recipe (not shipped; chapter 04's encoder-size pair uses it)"
 	@echo "make train-tiny-small-encoder - the first generation's recipe with a 7.4x smaller vision encoder (~2 h on 2 CPU cores)"
 	@echo "make train-tiny-gen2 - gen 2's first attempt, not shipped (token loss from a random encoder; about 3 h on 2 idle CPU cores)"
@@ -81,10 +81,11 @@ lab-check: $(STAMP)
 # Reproduce data/models/navil-tiny from scratch (second generation, data/models/navil-tiny/README.md): stage 0
 # pretrains the encoder on the per-token targets alone (skipped when its export exists); stages 1-2 train the
 # whole model; stages 3-7 are the relation curriculum (word subsets, then weighted words, then the auxiliary
-# position loss). The shipped weights were trained this way on 2 CPU cores (about 5 h in all); add
+# position loss); stage 8 adds glyph supervision on text-dense scenes. The shipped weights were trained this
+# way on 2 CPU cores (about 5.5 h in all); add
 # TRAIN_ARGS="--device cuda --set num_workers=14" on a GPU machine. Killed runs resume where they stopped.
 TRAIN_ARGS ?=
-GEN2_STAGES := 1 2 3 4 5 6
+GEN2_STAGES := 1 2 3 4 5 6 7
 train-tiny: $(STAMP)
 	@test -f runs/navil-tiny-gen2b/stage0/model.safetensors || $(PY) -m navil_utils.tiny.encoder_capacity \
 	  --model '{"llm_intermediate": 384}' --steps 1000 --eval-every 250 \
@@ -93,7 +94,7 @@ train-tiny: $(STAMP)
 	@set -e; for stage in $(GEN2_STAGES); do \
 	  $(PY) -m navil_utils.train --out runs/navil-tiny-gen2b/stage$$stage --config configs/tiny_gen2b_stage$$stage.json $(TRAIN_ARGS); \
 	done
-	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2b/stage7 --config configs/tiny_gen2b_stage7.json \
+	$(PY) -m navil_utils.train --out runs/navil-tiny-gen2b/stage8 --config configs/tiny_gen2b_stage8.json \
 	  --ship data/models/navil-tiny $(TRAIN_ARGS)
 
 # The first generation (data/models/navil-tiny/gen1/README.md; trained on one H200 in 6 + 3.3 minutes, ~8 h on
