@@ -510,9 +510,15 @@ def test_the_encoder_capacity_study_says_what_its_data_holds():
     assert [acc for _, acc, _ in glyphs[large, dense, 16]] == [0.12, 0.37, 0.58, 0.65]
     assert glyphs["{}", dense, 16][-1] == (400, 0.087, 150)
     assert [acc for _, acc, _ in glyphs["{}", dense, 8]] == [0.107, 0.272, 0.362, 0.388]
+    merge4 = [json.loads(line) for line in (folder / "glyphs_merge4.jsonl").read_text().splitlines()]
+    assert {json.dumps(r["model"], sort_keys=True) for r in merge4} == {'{"merge_size": 4, "patch_size": 8}'}
+    assert all(json.dumps(r["train_data"], sort_keys=True) == dense and r["train_targets"] == ["glyph"] for r in merge4)
+    assert [(r["step"], round(r["acc_glyph_full"], 3)) for r in merge4] == [(100, 0.08), (200, 0.073), (300, 0.133),
+                                                                            (400, 0.093)]
+    assert merge4[-1]["eval_tokens"]["glyph_full"] == 150
     readme = (folder / "README.md").read_text()
     for quoted in ("0.371", "0.435", "0.463", "0.656", "0.918", "**0.970**", "13,668", "82,008", "**0.597**", "0.389",
-                   "**0.907**", "0.409", "**0.79 / 0.80**", "**0.65**", "**0.388**", "| 0.494 | 0.970 |", "| 0.541 | 0.971 |", "| 0.581 | 0.836 |", "**0.840**",
+                   "**0.907**", "0.409", "**0.79 / 0.80**", "**0.65**", "**0.388**", "**0.093**", "| 0.494 | 0.970 |", "| 0.541 | 0.971 |", "| 0.581 | 0.836 |", "**0.840**",
                    "0.967"):
         assert quoted in readme, quoted
 
