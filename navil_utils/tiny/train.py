@@ -359,6 +359,15 @@ def build_model(config: TrainConfig, tokenizer: Any):
     return model
 
 
+def initial_model(config: TrainConfig, tokenizer: Any, *, resuming: bool = False):
+    """The model a run of ``config`` starts from: :func:`build_model`, then the ``init_from`` weights unless the run
+    is resuming (its checkpoint is loaded over it instead)."""
+    model = build_model(config, tokenizer)
+    if config.init_from and not resuming:
+        load_weights(Path(config.init_from) / "model.safetensors", model)
+    return model
+
+
 def _tokenizer_for(config: TrainConfig):
     from navil_utils.tiny.tokenizer import load_tiny_tokenizer, train_tiny_tokenizer
 
@@ -698,10 +707,8 @@ def _train(config: TrainConfig, _simulate_kill_after: int | None) -> Path:
     threads = main_process_threads(device, config.num_workers, config.threads)
     if threads:
         torch.set_num_threads(threads)
-    model = build_model(config, tokenizer)
+    model = initial_model(config, tokenizer, resuming=has_checkpoint)
     torch.manual_seed(config.seed)  # the run's own RNG stream (forked by train(); saved in checkpoints)
-    if config.init_from and not has_checkpoint:
-        load_weights(Path(config.init_from) / "model.safetensors", model)
     visual_tokens: list[torch.Tensor] = []
     if config.token_loss:  # heads built after init_from (its checkpoint has none), before a checkpoint is loaded
         from navil_utils.models.vision import window_layout
@@ -918,10 +925,7 @@ def export_initial_model(config: TrainConfig, directory: str | Path) -> Path:
     """Export the model exactly as a run of ``config`` starts it — seeded initialisation, then ``init_from`` if
     set — without training: the "step 0" of a run, for comparing its start with its end."""
     tokenizer, tokenizer_dir = _tokenizer_for(config)
-    model = build_model(config, tokenizer)
-    if config.init_from:
-        load_weights(Path(config.init_from) / "model.safetensors", model)
-    return export_model(model.eval(), tokenizer_dir, directory)
+    return export_model(initial_model(config, tokenizer).eval(), tokenizer_dir, directory)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -984,23 +988,20 @@ def main(argv: list[str] | None = None) -> int:
         values["time_limit_minutes"] = args.time_limit
     if args.no_progress:
         values["progress"] = False
-    if args.export_init:
-        try:
-            exported = export_initial_model(TrainConfig.from_dict(values), args.export_init)
-        except ConfigError as error:
-            report_error(PROG, error)
-            return EXIT_USAGE
-        except (NaViLError, OSError) as error:
-            return report_error(PROG, error)
-        print(f"exported the initial model of {args.out} -> {exported}")
-        return 0
     try:
-        out = train(TrainConfig.from_dict(values))
+        config = TrainConfig.from_dict(values)
+        if args.export_init:
+            exported = export_initial_model(config, args.export_init)
+        else:
+            out = train(config)
     except ConfigError as error:  # a bad option: the message names it
         report_error(PROG, error)
         return EXIT_USAGE
     except (NaViLError, OSError) as error:  # found while running; the message names the file
         return report_error(PROG, error)
+    if args.export_init:
+        print(f"exported the initial model of {args.out} -> {exported}")
+        return 0
     if args.ship:
         ship = Path(args.ship)
         ship.mkdir(parents=True, exist_ok=True)
